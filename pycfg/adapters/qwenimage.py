@@ -1,0 +1,214 @@
+"""QwenImagePipeline (text to image): the stock ``__call__`` split into prepare / per-branch forward / finish.
+
+Every step of the stock pipeline is reproduced with the pipeline's own helpers (``check_inputs``,
+``encode_prompt``, ``prepare_latents``, ``retrieve_timesteps``, ``calculate_shift``, ``_unpack_latents``) and
+the same arithmetic, so pycfg at any cfg_parallel_size returns the stock pipeline's bits.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..guidance import CFG, GuidancePolicy, NoGuidance
+from ..runtime.job import Job
+from .base import Adapter, own_tensor
+
+
+class QwenImageAdapter(Adapter):
+    pipeline_classes = ("QwenImagePipeline",)
+
+    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Bind and validate with the pipeline's own ``check_inputs``; no model runs here."""
+        pipe = self.pipe
+        a = self.bind(kwargs)
+        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(
+            a["prompt"],
+            a["height"],
+            a["width"],
+            negative_prompt=a["negative_prompt"],
+            prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"],
+            prompt_embeds_mask=a["prompt_embeds_mask"],
+            negative_prompt_embeds_mask=a["negative_prompt_embeds_mask"],
+            callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
+            max_sequence_length=a["max_sequence_length"],
+        )
+        if not isinstance(a["num_inference_steps"], int) or a["num_inference_steps"] < 1:
+            if a["sigmas"] is None:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {a['num_inference_steps']!r}")
+        if a["output_type"] not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent', got {a['output_type']!r}")
+        return a
+
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        has_negative = a["negative_prompt"] is not None or a["negative_prompt_embeds"] is not None
+        if a["true_cfg_scale"] > 1 and has_negative:
+            return CFG(a["true_cfg_scale"], renorm=True)
+        return NoGuidance()
+
+    def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
+        pipe, module = self.pipe, self.module
+        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
+        needs_negative = "uncond" in policy.branches
+        if needs_negative and a["negative_prompt"] is None and a["negative_prompt_embeds"] is None:
+            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
+
+        # the pipeline's per-call attributes, as the stock __call__ sets them (callbacks read them)
+        pipe._guidance_scale = a["guidance_scale"]
+        pipe._attention_kwargs = a["attention_kwargs"]
+        pipe._current_timestep = None
+        pipe._interrupt = False
+
+        prompt = a["prompt"]
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = a["prompt_embeds"].shape[0]
+        device = pipe._execution_device
+        n_per = a["num_images_per_prompt"]
+        max_len = a["max_sequence_length"]
+
+        prompt_embeds, prompt_embeds_mask = pipe.encode_prompt(
+            prompt=prompt,
+            prompt_embeds=a["prompt_embeds"],
+            prompt_embeds_mask=a["prompt_embeds_mask"],
+            device=device,
+            num_images_per_prompt=n_per,
+            max_sequence_length=max_len,
+        )
+        branch_text = {"cond": (prompt_embeds, prompt_embeds_mask)}
+        if needs_negative:
+            branch_text["uncond"] = pipe.encode_prompt(
+                prompt=a["negative_prompt"],
+                prompt_embeds=a["negative_prompt_embeds"],
+                prompt_embeds_mask=a["negative_prompt_embeds_mask"],
+                device=device,
+                num_images_per_prompt=n_per,
+                max_sequence_length=max_len,
+            )
+
+        height, width = a["height"], a["width"]
+        num_channels_latents = pipe.transformer.config.in_channels // 4
+        latents = pipe.prepare_latents(
+            batch_size * n_per,
+            num_channels_latents,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            a["generator"],
+            a["latents"],
+        )
+        latents = own_tensor(latents, a["latents"])
+        img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)]] * batch_size
+
+        num_inference_steps = a["num_inference_steps"]
+        sigmas = a["sigmas"]
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        scheduler = self.private_scheduler()
+        mu = module.calculate_shift(
+            latents.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, num_inference_steps = module.retrieve_timesteps(
+            scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+        )
+        pipe._num_timesteps = len(timesteps)
+
+        transformer = pipe.transformer
+        guidance_scale = a["guidance_scale"]
+        if transformer.config.guidance_embeds and guidance_scale is None:
+            raise ValueError("guidance_scale is required for guidance-distilled model.")
+        elif transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+            guidance = guidance.expand(latents.shape[0])
+        else:
+            guidance = None
+        if pipe._attention_kwargs is None:
+            pipe._attention_kwargs = {}
+        attention_kwargs = pipe._attention_kwargs
+        scheduler.set_begin_index(0)
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
+            t = timesteps[i]
+            pipe._current_timestep = t
+            timestep = t.expand(x.shape[0]).to(x.dtype)
+            preds = []
+            for name in names:
+                embeds, mask = branch_text[name]
+                with transformer.cache_context(name):
+                    preds.append(
+                        transformer(
+                            hidden_states=x,
+                            timestep=timestep / 1000,
+                            guidance=guidance,
+                            encoder_hidden_states_mask=mask,
+                            encoder_hidden_states=embeds,
+                            img_shapes=img_shapes,
+                            attention_kwargs=attention_kwargs,
+                            return_dict=False,
+                        )[0]
+                    )
+            return preds
+
+        callback = a["callback_on_step_end"]
+        callback_inputs = a["callback_on_step_end_tensor_inputs"]
+
+        def step_end(i: int, x: torch.Tensor) -> torch.Tensor:
+            if callback is None:
+                return x
+            values = {"latents": x, "prompt_embeds": branch_text["cond"][0]}
+            outputs = callback(pipe, i, timesteps[i], {k: values[k] for k in callback_inputs})
+            x = outputs.pop("latents", x)
+            if "prompt_embeds" in outputs:
+                branch_text["cond"] = (outputs.pop("prompt_embeds"), branch_text["cond"][1])
+            return x
+
+        output_type, return_dict = a["output_type"], a["return_dict"]
+
+        def finish(x: torch.Tensor):
+            pipe._current_timestep = None
+            if output_type == "latent":
+                image = x
+            else:
+                x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+                x = x.to(pipe.vae.dtype)
+                z_dim = pipe.vae.config.z_dim
+                latents_mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+                latents_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
+                    x.device, x.dtype
+                )
+                x = x / latents_std + latents_mean
+                image = pipe.vae.decode(x, return_dict=False)[0][:, :, 0]
+                image = pipe.image_processor.postprocess(image, output_type=output_type)
+            pipe.maybe_free_model_hooks()
+            if not return_dict:
+                return (image,)
+            return module.QwenImagePipelineOutput(images=image)
+
+        stepper = self.make_update(scheduler, timesteps)
+        return Job(
+            latents=latents,
+            num_steps=len(timesteps),
+            policy=policy,
+            forward=forward,
+            update=stepper,
+            prediction_spec=[(tuple(latents.shape), transformer.dtype)],
+            device=latents.device,
+            finish=finish,
+            step_end=step_end,
+            interrupted=lambda: pipe._interrupt,
+            progress=self.progress,
+            state_tensors=stepper.state_tensors,
+        )

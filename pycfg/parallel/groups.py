@@ -1,0 +1,83 @@
+"""Forming CFG groups: consecutive blocks of ``cfg_parallel_size`` ranks inside the torch.distributed world.
+
+A world of k * P ranks serves k independent CFG groups of P ranks each. Groups are created with
+``new_group`` so they can sit beside other parallelisms in a larger mesh, and carry pycfg's own timeout
+(a user's default group may have torch's 10-30 minute default).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _env_world_size() -> int | None:
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+def check_size(cfg_parallel_size: int, world_size: int) -> None:
+    if cfg_parallel_size > world_size:
+        raise ValueError(
+            f"cfg_parallel_size={cfg_parallel_size} is larger than the world size {world_size}; "
+            f"launch at least {cfg_parallel_size} processes (torchrun --nproc-per-node {cfg_parallel_size})"
+        )
+    if world_size % cfg_parallel_size:
+        raise ValueError(
+            f"cfg_parallel_size={cfg_parallel_size} must divide the world size {world_size} "
+            f"(allowed: {[p for p in range(1, world_size + 1) if world_size % p == 0]})"
+        )
+
+
+def form_cfg_group(
+    cfg_parallel_size: int,
+    *,
+    device: torch.device,
+    timeout: float,
+    group: dist.ProcessGroup | None = None,
+) -> dist.ProcessGroup | None:
+    """The CFG group this rank belongs to, or None for cfg_parallel_size=1 without a caller's group.
+
+    Validates the size against the world before creating anything, and initialises the default process group
+    from torchrun's environment (gloo for CPU pipelines, NCCL for CUDA) when nobody has.
+    """
+    if group is not None:
+        size = dist.get_world_size(group)
+        if size != cfg_parallel_size:
+            raise ValueError(
+                f"group= has {size} ranks but cfg_parallel_size={cfg_parallel_size}; they must be equal"
+            )
+        return group
+    if cfg_parallel_size == 1:
+        return None
+
+    if not dist.is_initialized():
+        world = _env_world_size()
+        if world is None:
+            raise RuntimeError(
+                f"cfg_parallel_size={cfg_parallel_size} needs {cfg_parallel_size} processes: launch with "
+                f"`torchrun --nproc-per-node {cfg_parallel_size} app.py`, initialise torch.distributed "
+                "yourself, or pass group="
+            )
+        check_size(cfg_parallel_size, world)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
+
+    world = dist.get_world_size()
+    check_size(cfg_parallel_size, world)
+    rank = dist.get_rank()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    mine = None
+    # every rank must create every group, in the same order
+    for first in range(0, world, cfg_parallel_size):
+        ranks = list(range(first, first + cfg_parallel_size))
+        created = dist.new_group(ranks, timeout=timedelta(seconds=timeout), backend=backend)
+        if rank in ranks:
+            mine = created
+    return mine

@@ -1,0 +1,122 @@
+"""The denoising loop. Every rank runs every step; only the branch forwards are split between ranks.
+
+Per step: the policy names the active branches; each rank runs the forwards dispatched to it (none on an idle
+rank); one collective makes every prediction (``gather``) or the weighted sum (``reduce``) available on every
+rank; every rank then computes the same guided prediction and the same scheduler update from the same bits.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..parallel.dispatch import dispatch_branches
+from .consistency import check_ranks_agree
+from .job import Job, Prediction
+
+_ALIGN = 16  # bytes; keeps every packed tensor's offset a multiple of its element size
+
+
+def _outputs(pred: Prediction) -> list[torch.Tensor]:
+    return list(pred) if isinstance(pred, tuple) else [pred]
+
+
+def _segment_bytes(spec) -> list[int]:
+    sizes = []
+    for shape, dtype in spec:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        sizes.append(-(-nbytes // _ALIGN) * _ALIGN)
+    return sizes
+
+
+class Exchange:
+    """Packs this rank's branch predictions into one buffer, runs the step's single collective, unpacks."""
+
+    def __init__(self, comm, spec, device: torch.device) -> None:
+        self.comm = comm
+        self.spec = [(tuple(s), d) for s, d in spec]
+        self.tuple_output = len(self.spec) > 1
+        self.segments = _segment_bytes(self.spec)
+        self.branch_bytes = sum(self.segments)
+        self.device = device
+
+    def like(self) -> Prediction:
+        outs = tuple(torch.empty(s, dtype=d, device=self.device) for s, d in self.spec)
+        return outs if self.tuple_output else outs[0]
+
+    def gather(self, plan: tuple[tuple[str, ...], ...], local: list[Prediction]) -> dict[str, Prediction]:
+        slots = max(len(names) for names in plan)
+        buf = torch.zeros(slots * self.branch_bytes, dtype=torch.uint8, device=self.device)
+        for j, pred in enumerate(local):
+            offset = j * self.branch_bytes
+            for out, seg in zip(_outputs(pred), self.segments):
+                raw = out.detach().contiguous().reshape(-1).view(torch.uint8)
+                buf[offset : offset + raw.numel()].copy_(raw)
+                offset += seg
+        every = self.comm.all_gather(buf)
+        preds: dict[str, Prediction] = {}
+        for rank, names in enumerate(plan):
+            for j, name in enumerate(names):
+                offset = j * self.branch_bytes
+                outs = []
+                for (shape, dtype), seg in zip(self.spec, self.segments):
+                    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                    outs.append(every[rank, offset : offset + nbytes].view(dtype).view(shape))
+                    offset += seg
+                preds[name] = tuple(outs) if self.tuple_output else outs[0]
+        return preds
+
+    def reduce(self, policy, local: dict[str, Prediction], i: int) -> Prediction:
+        like = self.like()
+        terms = policy.reduce_terms(local, i, like)
+        flat = torch.cat([t.reshape(-1) for t in terms]) if len(terms) > 1 else terms[0].reshape(-1).clone()
+        self.comm.all_reduce_(flat)
+        summed, offset = [], 0
+        for t in terms:
+            summed.append(flat[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return policy.reduce_finish(summed, i, like)
+
+
+def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool = False) -> tuple[Any, list[float]]:
+    """Run the loop on this rank; returns the final latents and the wall time of each step (seconds)."""
+    policy = job.policy
+    policy.reset(job.num_steps)
+    size, rank = comm.size, comm.rank
+    xchg = Exchange(comm, job.prediction_spec, job.device)
+    latents = job.latents
+    step_times: list[float] = []
+    with job.progress(job.num_steps, rank == 0) as bar:
+        for i in range(job.num_steps):
+            if job.interrupted():
+                continue
+            t0 = time.perf_counter()
+            active = policy.active(i)
+            if size == 1 or len(active) == 1:
+                # every rank runs every active branch: a group of one, or a single-branch step (no collective)
+                preds = dict(zip(active, job.forward(active, latents, i)))
+                guided = policy.combine(preds, i)
+            else:
+                plan = dispatch_branches(active, size)
+                mine = plan[rank]
+                local = job.forward(mine, latents, i) if mine else []
+                if exchange == "gather":
+                    guided = policy.combine(xchg.gather(plan, local), i)
+                else:
+                    guided = xchg.reduce(policy, dict(zip(mine, local)), i)
+            latents = job.update(guided, i, latents)
+            if job.step_end is not None:
+                latents = job.step_end(i, latents)
+            if check_consistency:
+                state = {"latents": latents} if isinstance(latents, torch.Tensor) else {
+                    f"latents[{k}]": v for k, v in enumerate(latents)
+                }
+                state.update(job.state_tensors())
+                state.update({f"guidance.{k}": v for k, v in policy.state_tensors().items()})
+                check_ranks_agree(comm, i, state)
+            step_times.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update()
+    return latents, step_times

@@ -1,0 +1,36 @@
+"""What an adapter hands the runtime for one request: no diffusers types cross this line."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+
+from ..guidance.base import GuidancePolicy
+
+# A branch's prediction: one tensor, or a tuple of tensors for models with several outputs (video + audio).
+Prediction = Any
+
+
+@dataclass
+class Job:
+    latents: Any
+    num_steps: int
+    policy: GuidancePolicy
+    #: forward(branch names, latents, step) -> one prediction per name, in order
+    forward: Callable[[tuple[str, ...], Any, int], list[Prediction]]
+    #: update(guided prediction, step, latents) -> next latents (scheduler step, or the fused kernel)
+    update: Callable[[Prediction, int, Any], Any]
+    #: (shape, dtype) of each output of one branch's prediction, so idle ranks need no forward to know it
+    prediction_spec: Sequence[tuple[tuple[int, ...], torch.dtype]]
+    device: torch.device
+    #: finish(latents) -> the pipeline's own output
+    finish: Callable[[Any], Any]
+    #: step_end(step, latents) -> latents: the pipeline's callbacks; runs on every rank
+    step_end: Callable[[int, Any], Any] | None = None
+    interrupted: Callable[[], bool] = lambda: False
+    progress: Callable[[int, bool], ContextManager] = field(default=lambda total, enabled: contextlib.nullcontext())
+    #: solver state carried across steps (checked for rank consistency)
+    state_tensors: Callable[[], dict[str, torch.Tensor]] = dict
