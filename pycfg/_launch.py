@@ -10,6 +10,7 @@ import io
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -75,13 +76,21 @@ def run_world(fn: Callable, world: int, *, threads: int = 1, timeout: float = 60
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    dead_since: dict[int, float] = {}
     try:
-        while len(out) < world:
+        while len(out) < world and time.monotonic() < deadline:
             try:
-                rank, ok, payload = results.get(timeout=timeout)
+                rank, ok, payload = results.get(timeout=0.5)
+                out[rank] = _decode(payload) if ok else RankError(rank, payload)
             except queue.Empty:
-                break
-            out[rank] = _decode(payload) if ok else RankError(rank, payload)
+                pass
+            # a rank that died without reporting (killed, or aborted inside a C++ library) is not waited for
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if r not in out and p.exitcode is not None:
+                    if now - dead_since.setdefault(r, now) > 5.0:
+                        out[r] = RankError(r, f"process exited with code {p.exitcode} without a result")
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from .cogvideox import CogVideoXAdapter
+from .flux import FluxAdapter
+from .hunyuanvideo import HunyuanVideoAdapter
+from .ltx import LTXAdapter
 from .qwenimage import QwenImageAdapter
+from .sd3 import StableDiffusion3Adapter
+from .wan import WanAdapter
 
-ADAPTERS = [QwenImageAdapter]
+ADAPTERS = [
+    QwenImageAdapter,
+    FluxAdapter,
+    StableDiffusion3Adapter,
+    WanAdapter,
+    LTXAdapter,
+    CogVideoXAdapter,
+    HunyuanVideoAdapter,
+]
 
 
 def supported_pipelines() -> list[str]:
@@ -18,5 +32,5 @@ def find_adapter(pipeline):
                 return adapter
     raise TypeError(
         f"pycfg has no adapter for {type(pipeline).__name__}; supported pipelines: "
-        f"{', '.join(supported_pipelines())}. See the README's 'Writing an adapter' section to add one."
+        f"{', '.join(supported_pipelines())}. docs/adapters.md explains how to write one."
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import sys
 from types import ModuleType
@@ -11,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..schedulers import SchedulerStep
+from ..schedulers import SchedulerStep, make_scheduler_update  # noqa: F401
 
 
 class Adapter:
@@ -19,14 +18,22 @@ class Adapter:
 
     pipeline_classes: tuple[str, ...] = ()
 
-    def __init__(self, pipe, fused: bool | None = None) -> None:
+    def __init__(self, pipe, fused: bool | None = None, noise: str = "philox") -> None:
         self.pipe = pipe
         self.fused = fused
+        self.noise = noise
         self.signature = inspect.signature(type(pipe).__call__)
 
-    def make_update(self, scheduler, timesteps, **step_kwargs):
-        """The per-step update for a configured private scheduler: the seam where the fused kernel plugs in."""
-        return SchedulerStep(scheduler, timesteps, step_kwargs)
+    def make_update(self, scheduler, timesteps, generator=None, **step_kwargs):
+        """The per-step update for a configured private scheduler: the seam where the fused kernel plugs in.
+
+        ``generator`` is the request's: stochastic solvers on the fused path derive their noise seed from it
+        (see :func:`pycfg.schedulers.make_scheduler_update`). It is not passed to ``step()``: a pipeline that
+        passes one names it in ``step_kwargs`` itself, exactly as its stock loop does.
+        """
+        device = getattr(self.pipe, "_execution_device", None)
+        return make_scheduler_update(scheduler, timesteps, step_kwargs, fused=self.fused, noise=self.noise,
+                                     generator=generator, device=device)
 
     @property
     def module(self) -> ModuleType:
@@ -46,8 +53,14 @@ class Adapter:
         return args
 
     def private_scheduler(self):
-        """A copy of the pipeline's scheduler for one request: the user's object is never stepped."""
-        return copy.deepcopy(self.pipe.scheduler)
+        """A fresh scheduler from the pipeline scheduler's config, for one request.
+
+        Built from the config rather than copied, so it carries no state from earlier runs of the user's
+        scheduler: ranks whose schedulers have different histories still start from the same bits, and the
+        user's object is never stepped.
+        """
+        scheduler = self.pipe.scheduler
+        return type(scheduler).from_config(scheduler.config)
 
     def progress(self, total: int, enabled: bool):
         """The pipeline's own progress bar (honouring ``set_progress_bar_config``) on one rank only."""

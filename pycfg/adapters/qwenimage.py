@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
+from ..guidance.base import NEGATIVE
+from ..guidance.perturb import perturbed
 from ..runtime.job import Job
 from .base import Adapter, own_tensor
 
@@ -52,10 +54,17 @@ class QwenImageAdapter(Adapter):
             return CFG(a["true_cfg_scale"], renorm=True)
         return NoGuidance()
 
+    def check_policy(self, policy: GuidancePolicy) -> None:
+        """Raise if ``policy`` cannot run on this pipeline's transformer (no model runs)."""
+        policy.check_model(self.pipe.transformer)
+        policy.check_outputs(1)
+
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        needs_negative = "uncond" in policy.branches
+        self.check_policy(policy)
+        specs = {name: policy.branch(name) for name in policy.branches}
+        needs_negative = any(spec.source == NEGATIVE for spec in specs.values())
         if needs_negative and a["negative_prompt"] is None and a["negative_prompt_embeds"] is None:
             raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
 
@@ -84,9 +93,10 @@ class QwenImageAdapter(Adapter):
             num_images_per_prompt=n_per,
             max_sequence_length=max_len,
         )
-        branch_text = {"cond": (prompt_embeds, prompt_embeds_mask)}
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
+        branch_text = {"prompt": (prompt_embeds, prompt_embeds_mask)}
         if needs_negative:
-            branch_text["uncond"] = pipe.encode_prompt(
+            branch_text[NEGATIVE] = pipe.encode_prompt(
                 prompt=a["negative_prompt"],
                 prompt_embeds=a["negative_prompt_embeds"],
                 prompt_embeds_mask=a["negative_prompt_embeds_mask"],
@@ -139,28 +149,57 @@ class QwenImageAdapter(Adapter):
             pipe._attention_kwargs = {}
         attention_kwargs = pipe._attention_kwargs
         scheduler.set_begin_index(0)
+        policy.set_timesteps([t.item() for t in timesteps])
+        batch_branches = bool(getattr(self, "batch_branches", False))
+
+        def run(names: tuple[str, ...], x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+            """One transformer forward for ``names`` (one branch, or same-shape branches stacked on batch)."""
+            spec = specs[names[0]]
+            texts = [branch_text[specs[n].source] for n in names]
+            if len(names) == 1:
+                embeds, mask = texts[0]
+                xs, shapes = x, img_shapes
+            else:
+                embeds = torch.cat([e for e, _ in texts])
+                masks = [m for _, m in texts]
+                mask = None if any(m is None for m in masks) else torch.cat(masks)
+                xs, shapes = torch.cat([x] * len(names)), img_shapes * len(names)
+            timestep = t.expand(xs.shape[0]).to(xs.dtype)
+            extra = spec.perturbation.forward_kwargs() if spec.perturbation is not None else {}
+            with transformer.cache_context("+".join(names)), perturbed(transformer, spec.perturbation):
+                out = transformer(
+                    hidden_states=xs,
+                    timestep=timestep / 1000,
+                    guidance=guidance if guidance is None or len(names) == 1 else guidance.repeat(len(names)),
+                    encoder_hidden_states_mask=mask,
+                    encoder_hidden_states=embeds,
+                    img_shapes=shapes,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                    **extra,
+                )[0]
+            return [out] if len(names) == 1 else list(out.chunk(len(names)))
+
+        def batch_key(name: str):
+            # branches batch together when their forwards differ only in same-shape text inputs
+            spec = specs[name]
+            embeds, mask = branch_text[spec.source]
+            return (spec.perturbation, tuple(embeds.shape), mask is None)
 
         def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
             t = timesteps[i]
             pipe._current_timestep = t
-            timestep = t.expand(x.shape[0]).to(x.dtype)
-            preds = []
+            groups: list[list[str]] = []
             for name in names:
-                embeds, mask = branch_text[name]
-                with transformer.cache_context(name):
-                    preds.append(
-                        transformer(
-                            hidden_states=x,
-                            timestep=timestep / 1000,
-                            guidance=guidance,
-                            encoder_hidden_states_mask=mask,
-                            encoder_hidden_states=embeds,
-                            img_shapes=img_shapes,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0]
-                    )
-            return preds
+                fits = [g for g in groups if batch_branches and batch_key(g[0]) == batch_key(name)]
+                if fits:
+                    fits[0].append(name)
+                else:
+                    groups.append([name])
+            preds: dict[str, torch.Tensor] = {}
+            for group in groups:
+                preds.update(zip(group, run(tuple(group), x, t)))
+            return [preds[name] for name in names]
 
         callback = a["callback_on_step_end"]
         callback_inputs = a["callback_on_step_end_tensor_inputs"]
@@ -168,11 +207,11 @@ class QwenImageAdapter(Adapter):
         def step_end(i: int, x: torch.Tensor) -> torch.Tensor:
             if callback is None:
                 return x
-            values = {"latents": x, "prompt_embeds": branch_text["cond"][0]}
+            values = {"latents": x, "prompt_embeds": branch_text["prompt"][0]}
             outputs = callback(pipe, i, timesteps[i], {k: values[k] for k in callback_inputs})
             x = outputs.pop("latents", x)
             if "prompt_embeds" in outputs:
-                branch_text["cond"] = (outputs.pop("prompt_embeds"), branch_text["cond"][1])
+                branch_text["prompt"] = (outputs.pop("prompt_embeds"), branch_text["prompt"][1])
             return x
 
         output_type, return_dict = a["output_type"], a["return_dict"]
@@ -197,7 +236,7 @@ class QwenImageAdapter(Adapter):
                 return (image,)
             return module.QwenImagePipelineOutput(images=image)
 
-        stepper = self.make_update(scheduler, timesteps)
+        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return Job(
             latents=latents,
             num_steps=len(timesteps),

@@ -1,16 +1,23 @@
 """Communicators: the one collective per step, behind a small interface.
 
 ``LocalComm`` is a group of one; ``TorchComm`` runs torch.distributed collectives (gloo on CPU, NCCL on CUDA)
-on a CFG group. Both raise :class:`RankFailureError` when a peer fails or the group's timeout expires, and
-count the collectives they run so tests can check there is exactly one per step.
+on a CFG group; ``NcclComm`` (pycfg/parallel/nccl.py) drives NCCL directly through the C++ extension. All raise
+:class:`RankFailureError` when a peer fails or the group's timeout expires, and count the collectives they run so
+tests can check there is exactly one per step.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
 
 from ..errors import RankFailureError
+
+
+# torch >= 2.13 names the flat all-gather all_gather_single; older releases all_gather_into_tensor
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class LocalComm:
@@ -57,12 +64,12 @@ class TorchComm:
         ``count=False`` marks debug traffic (consistency checks) that is not part of the per-step exchange.
         """
         self.calls += count
-        out = torch.empty((self.size, flat.numel()), dtype=flat.dtype, device=flat.device)
+        out = torch.empty(self.size * flat.numel(), dtype=flat.dtype, device=flat.device)
         try:
-            dist.all_gather_into_tensor(out, flat.reshape(-1), group=self.group)
+            _all_gather_flat(out, flat.reshape(-1), group=self.group)
         except Exception as err:  # gloo raises RuntimeError, NCCL DistBackendError
             raise self._failed("all_gather", err) from err
-        return out
+        return out.view(self.size, -1)
 
     def all_reduce_(self, flat: torch.Tensor, count: bool = True) -> torch.Tensor:
         """Element-wise sum over ranks, in place."""
@@ -74,14 +81,45 @@ class TorchComm:
         return flat
 
 
-COMMS = ("auto", "torch")
+COMMS = ("auto", "torch", "nccl-ext")
+
+logger = logging.getLogger("pycfg")
+
+
+def _group_agrees(group: dist.ProcessGroup, mine: bool) -> bool:
+    """True only if every rank of ``group`` says yes: all ranks must pick the same communicator."""
+    votes: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(votes, mine, group=group)
+    return all(votes)
 
 
 def make_comm(group: dist.ProcessGroup | None, *, device: torch.device, timeout: float, comm: str = "auto"):
-    """The communicator for a CFG group: local for a group of one, torch.distributed otherwise."""
+    """The communicator for a CFG group: local for a group of one; for CUDA groups the NCCL extension when every
+    rank can load it (``comm="auto"``, or forced with ``comm="nccl-ext"``), torch.distributed otherwise."""
     if comm not in COMMS:
         raise ValueError(f"comm must be one of {', '.join(map(repr, COMMS))}, got {comm!r}")
+    device = torch.device(device)
     if group is None:
         return LocalComm(device)
-    comm_device = device if device.type == "cuda" else torch.device("cpu")
-    return TorchComm(group, timeout=timeout, device=comm_device)
+    if device.type != "cuda":
+        if comm == "nccl-ext":
+            raise ValueError(f"comm='nccl-ext' needs a CUDA pipeline; this one is on {device} (use comm='torch')")
+        return TorchComm(group, timeout=timeout, device=torch.device("cpu"))
+    if comm == "torch":
+        logger.info("pycfg: communicator torch.distributed (requested with comm='torch')")
+        return TorchComm(group, timeout=timeout, device=device)
+
+    from . import nccl
+
+    reason = nccl.unavailable_reason()
+    if comm == "nccl-ext":
+        if reason is not None:
+            raise RuntimeError(f"comm='nccl-ext' cannot be used: {reason}")
+    elif not _group_agrees(group, reason is None):
+        logger.info("pycfg: communicator torch.distributed (NCCL extension not usable on every rank%s)",
+                    f": {reason}" if reason else "")
+        return TorchComm(group, timeout=timeout, device=device)
+    chosen = nccl.NcclComm(group, device=device, timeout=timeout)
+    logger.info("pycfg: communicator nccl-ext (NCCL %s from %s)", ".".join(map(str, nccl.version())),
+                nccl.library_path())
+    return chosen

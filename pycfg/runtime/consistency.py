@@ -71,6 +71,15 @@ def check_ranks_agree(comm, step: int, tensors: dict[str, torch.Tensor]) -> None
     if comm.size == 1 or not tensors:
         return
     names = sorted(tensors)
+    # a fixed-size header first: ranks holding different sets of state must raise, not mismatch a collective
+    header = hashlib.sha256(repr([(n, tuple(tensors[n].shape), str(tensors[n].dtype)) for n in names]).encode())
+    mine = torch.frombuffer(bytearray(header.digest()), dtype=torch.uint8).to(comm.device)
+    headers = comm.all_gather(mine, count=False).cpu()
+    if not bool((headers == headers[0]).all()):
+        raise ConsistencyError(
+            f"after step {step}, ranks hold different sets of state tensors (names, shapes or dtypes); "
+            f"this rank has: {', '.join(names)}"
+        )
     local = torch.stack([checksum(tensors[n]) for n in names]).reshape(-1).to(comm.device)
     every = comm.all_gather(local, count=False).cpu().reshape(comm.size, len(names), 2)
     for j, name in enumerate(names):

@@ -68,7 +68,7 @@ class Exchange:
                 preds[name] = tuple(outs) if self.tuple_output else outs[0]
         return preds
 
-    def reduce(self, policy, local: dict[str, Prediction], i: int) -> Prediction:
+    def reduce(self, policy, local: dict[str, Prediction], i: int, finish: bool = True):
         like = self.like()
         terms = policy.reduce_terms(local, i, like)
         flat = torch.cat([t.reshape(-1) for t in terms]) if len(terms) > 1 else terms[0].reshape(-1).clone()
@@ -77,6 +77,8 @@ class Exchange:
         for t in terms:
             summed.append(flat[offset : offset + t.numel()].view(t.shape))
             offset += t.numel()
+        if not finish:  # the fused update applies the post-combine maths itself
+            return summed
         return policy.reduce_finish(summed, i, like)
 
 
@@ -87,6 +89,8 @@ def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool
     size, rank = comm.size, comm.rank
     xchg = Exchange(comm, job.prediction_spec, job.device)
     latents = job.latents
+    # an update with fused_step takes the branch predictions (or reduced terms) and does combine + update
+    fused_step = getattr(job.update, "fused_step", None)
     step_times: list[float] = []
     with job.progress(job.num_steps, rank == 0) as bar:
         for i in range(job.num_steps):
@@ -96,17 +100,20 @@ def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool
             active = policy.active(i)
             if size == 1 or len(active) == 1:
                 # every rank runs every active branch: a group of one, or a single-branch step (no collective)
-                preds = dict(zip(active, job.forward(active, latents, i)))
-                guided = policy.combine(preds, i)
+                inputs = dict(zip(active, job.forward(active, latents, i)))
             else:
                 plan = dispatch_branches(active, size)
                 mine = plan[rank]
                 local = job.forward(mine, latents, i) if mine else []
                 if exchange == "gather":
-                    guided = policy.combine(xchg.gather(plan, local), i)
+                    inputs = xchg.gather(plan, local)
                 else:
-                    guided = xchg.reduce(policy, dict(zip(mine, local)), i)
-            latents = job.update(guided, i, latents)
+                    inputs = xchg.reduce(policy, dict(zip(mine, local)), i, finish=fused_step is None)
+            if fused_step is not None:
+                latents = fused_step(inputs, policy, i, latents)
+            else:
+                guided = policy.combine(inputs, i) if isinstance(inputs, dict) else inputs
+                latents = job.update(guided, i, latents)
             if job.step_end is not None:
                 latents = job.step_end(i, latents)
             if check_consistency:
@@ -119,4 +126,8 @@ def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool
             step_times.append(time.perf_counter() - t0)
             if bar is not None:
                 bar.update()
+    if hasattr(comm, "synchronize"):
+        # collectives are enqueued without host syncs: surface a failed peer here, bounded by the timeout,
+        # rather than in whatever copies the result to the host next
+        comm.synchronize()
     return latents, step_times

@@ -1,0 +1,80 @@
+"""Small pieces several family adapters share: batch size, callbacks, per-step CFG scales."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..guidance.base import GuidancePolicy, Prediction, weighted_sum_fp32
+
+
+def prompt_batch_size(prompt, prompt_embeds) -> int:
+    """The stock pipelines' batch size rule: a string is one, a list its length, else the embeds' batch."""
+    if prompt is not None and isinstance(prompt, str):
+        return 1
+    if prompt is not None and isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0]
+
+
+def callback_tensor_inputs(callback, names: list[str]) -> list[str]:
+    """``PipelineCallback`` objects name their own tensor inputs, overriding the call's list (as stock does)."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        return callback.tensor_inputs
+    return names
+
+
+def make_step_end(pipe, callback, names: list[str], timesteps, values: Callable[[torch.Tensor], dict[str, Any]],
+                  apply: Callable[[dict[str, Any]], None] | None = None):
+    """A ``step_end`` running the pipeline's ``callback_on_step_end`` with the tensors the stock loop offers.
+
+    ``values(latents)`` gives every tensor the callback may ask for; ``apply(outputs)`` takes back what the
+    callback returned besides the latents (changed prompt embeds, ...).
+    """
+
+    def step_end(i: int, x: torch.Tensor) -> torch.Tensor:
+        if callback is None:
+            return x
+        offered = values(x)
+        outputs = callback(pipe, i, timesteps[i], {k: offered[k] for k in names})
+        x = outputs.pop("latents", x)
+        if apply is not None:
+            apply(outputs)
+        return x
+
+    return step_end
+
+
+class StepScaledCFG(GuidancePolicy):
+    """``u + s_i * (c - u)`` with a scale chosen per step.
+
+    Wan 2.2 switches scale with its expert (``guidance_scale`` / ``guidance_scale_2``); CogVideoX's dynamic
+    CFG recomputes it from the timestep. The scales are computed on the host before the loop, with the stock
+    pipeline's own Python float arithmetic, so the combine is the stock one bit for bit.
+    """
+
+    branches = ("cond", "uncond")
+    linear = True
+
+    def __init__(self, scales: Sequence[float]) -> None:
+        self.scales = [float(s) for s in scales]
+
+    def combine(self, preds: dict[str, Prediction], i: int) -> Prediction:
+        if len(preds) == 1:
+            return preds["cond"]
+        c, u = preds["cond"], preds["uncond"]
+        return u + self.scales[i] * (c - u)
+
+    def reduce_terms(self, preds, i, like):
+        s = self.scales[i]
+        return [weighted_sum_fp32(preds, {"cond": s, "uncond": 1.0 - s}, like)]
+
+    def reduce_finish(self, terms, i, like):
+        return terms[0].to(like.dtype)
+
+    def describe(self) -> str:
+        lo, hi = min(self.scales, default=0.0), max(self.scales, default=0.0)
+        return f"StepScaledCFG(scales in [{lo:g}, {hi:g}])"

@@ -1,0 +1,241 @@
+"""CogVideoXPipeline (text to video): batched CFG split into branches, dynamic CFG, its own schedulers.
+
+Stock runs ``cat([neg, pos])`` as one batch; pycfg runs the branches separately, so it matches stock within fp32
+rounding while staying bit-identical across cfg_parallel_size. ``use_dynamic_cfg`` recomputes the scale every
+step from the timestep; pycfg computes the same per-step scales on the host, with the same float arithmetic.
+
+CogVideoX's schedulers are stepped through their own ``step()`` on every rank: ``CogVideoXDDIMScheduler`` as
+usual, ``CogVideoXDPMScheduler`` with its extra arguments (the previous step's ``old_pred_original_sample`` and
+the previous timestep), which :class:`CogVideoXUpdate` carries between steps. Its noise comes from the call's
+generator, which every rank holds in the same state (the ranks' arguments are checked to match).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+from ..guidance import GuidancePolicy, NoGuidance
+from ..runtime.job import Job
+from ..schedulers import tensors_in
+from ._common import StepScaledCFG, callback_tensor_inputs, make_step_end, prompt_batch_size
+from .base import Adapter, own_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class CogVideoXUpdate:
+    """The stock loop's scheduler call, including the DPM scheduler's two-value return and extra arguments."""
+
+    fused = False
+
+    def __init__(self, scheduler, timesteps, extra_step_kwargs: dict, dpm: bool, dtype: torch.dtype,
+                 on_step=None) -> None:
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.extra = extra_step_kwargs
+        self.dpm = dpm
+        self.dtype = dtype
+        self.on_step = on_step
+        self.old_pred_original_sample: torch.Tensor | None = None
+
+    def __call__(self, guided: torch.Tensor, i: int, latents: torch.Tensor) -> torch.Tensor:
+        if self.on_step is not None:
+            self.on_step(i)
+        t = self.timesteps[i]
+        if not self.dpm:
+            latents = self.scheduler.step(guided, t, latents, **self.extra, return_dict=False)[0]
+        else:
+            latents, self.old_pred_original_sample = self.scheduler.step(
+                guided,
+                self.old_pred_original_sample,
+                t,
+                self.timesteps[i - 1] if i > 0 else None,
+                latents,
+                **self.extra,
+                return_dict=False,
+            )
+        return latents.to(self.dtype)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = tensors_in(self.scheduler, "scheduler.")
+        if self.old_pred_original_sample is not None:
+            state["old_pred_original_sample"] = self.old_pred_original_sample
+        return state
+
+    def describe(self) -> str:
+        return f"{type(self.scheduler).__name__}.step() (reference)"
+
+
+class CogVideoXAdapter(Adapter):
+    pipeline_classes = ("CogVideoXPipeline",)
+
+    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pipe = self.pipe
+        a = self.bind(kwargs)
+        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
+            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
+        )
+        config = pipe.transformer.config
+        a["height"] = a["height"] or config.sample_height * pipe.vae_scale_factor_spatial
+        a["width"] = a["width"] or config.sample_width * pipe.vae_scale_factor_spatial
+        a["num_frames"] = a["num_frames"] or config.sample_frames
+        # stock ignores the argument: one video per prompt
+        a["num_videos_per_prompt"] = 1
+        pipe.check_inputs(
+            a["prompt"],
+            a["height"],
+            a["width"],
+            a["negative_prompt"],
+            a["callback_on_step_end_tensor_inputs"],
+            a["prompt_embeds"],
+            a["negative_prompt_embeds"],
+        )
+        if a["output_type"] not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        return a
+
+    def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
+        pipe, module = self.pipe, self.module
+        guidance_scale = a["guidance_scale"]
+        default_cfg = guidance_scale > 1.0
+        needs_negative = "uncond" in policy.branches if policy is not None else default_cfg
+        pipe._guidance_scale = guidance_scale
+        pipe._attention_kwargs = a["attention_kwargs"]
+        pipe._current_timestep = None
+        pipe._interrupt = False
+        batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
+        device = pipe._execution_device
+
+        embeds, neg_embeds = pipe.encode_prompt(
+            a["prompt"],
+            a["negative_prompt"],
+            needs_negative,
+            num_videos_per_prompt=1,
+            prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"],
+            max_sequence_length=a["max_sequence_length"],
+            device=device,
+        )
+        text = {"cond": embeds}
+        if needs_negative:
+            text["uncond"] = neg_embeds
+        embeds_dtype = embeds.dtype
+
+        scheduler = self.private_scheduler()
+        timesteps, n_steps = module.retrieve_timesteps(scheduler, a["num_inference_steps"], device, a["timesteps"])
+        pipe._num_timesteps = len(timesteps)
+
+        num_frames, height, width = a["num_frames"], a["height"], a["width"]
+        latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        patch_size_t = pipe.transformer.config.patch_size_t
+        additional_frames = 0
+        if patch_size_t is not None and latent_frames % patch_size_t != 0:
+            additional_frames = patch_size_t - latent_frames % patch_size_t
+            num_frames += additional_frames * pipe.vae_scale_factor_temporal
+        transformer = pipe.transformer
+        latents = pipe.prepare_latents(
+            batch_size, transformer.config.in_channels, num_frames, height, width, embeds_dtype, device,
+            a["generator"], a["latents"],
+        )
+        latents = own_tensor(latents, a["latents"])
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(a["generator"], a["eta"])
+        image_rotary_emb = (
+            pipe._prepare_rotary_positional_embeddings(height, width, latents.size(1), device)
+            if transformer.config.use_rotary_positional_embeddings
+            else None
+        )
+
+        if a["use_dynamic_cfg"]:
+            scales = [
+                1 + guidance_scale * ((1 - math.cos(math.pi * ((n_steps - t.item()) / n_steps) ** 5.0)) / 2)
+                for t in timesteps
+            ]
+        else:
+            scales = [guidance_scale] * len(timesteps)
+        if policy is not None:
+            policy = copy.deepcopy(policy)
+        elif default_cfg:
+            policy = StepScaledCFG(scales)
+        else:
+            policy = NoGuidance()
+        if "uncond" in policy.branches and "uncond" not in text:
+            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
+
+        attention_kwargs = a["attention_kwargs"]
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
+            t = timesteps[i]
+            pipe._current_timestep = t
+            model_input = scheduler.scale_model_input(x, t)
+            timestep = t.expand(model_input.shape[0])
+            preds = []
+            for name in names:
+                with transformer.cache_context(name):
+                    pred = transformer(
+                        hidden_states=model_input,
+                        encoder_hidden_states=text[name],
+                        timestep=timestep,
+                        image_rotary_emb=image_rotary_emb,
+                        attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                preds.append(pred.float())
+            return preds
+
+        def on_step(i: int) -> None:
+            # stock keeps the dynamic scale on the pipeline, where callbacks read it
+            if a["use_dynamic_cfg"]:
+                pipe._guidance_scale = scales[i]
+
+        dpm = isinstance(scheduler, module.CogVideoXDPMScheduler)
+        update = CogVideoXUpdate(scheduler, timesteps, extra_step_kwargs, dpm, embeds_dtype, on_step)
+        cfg_request = "uncond" in text
+
+        def offered(x):
+            embeds = torch.cat([text["uncond"], text["cond"]], dim=0) if cfg_request else text["cond"]
+            return {"latents": x, "prompt_embeds": embeds, "negative_prompt_embeds": text.get("uncond")}
+
+        def apply(outputs):
+            # stock feeds a changed (batched) prompt_embeds to its next batched forward: each branch takes its half
+            if "prompt_embeds" in outputs:
+                value = outputs.pop("prompt_embeds")
+                if cfg_request:
+                    text["uncond"], text["cond"] = value.chunk(2)
+                else:
+                    text["cond"] = value
+
+        step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
+                                 offered, apply)
+        output_type, return_dict = a["output_type"], a["return_dict"]
+
+        def finish(x: torch.Tensor):
+            pipe._current_timestep = None
+            if output_type != "latent":
+                x = x[:, additional_frames:]
+                video = pipe.decode_latents(x)
+                video = pipe.video_processor.postprocess_video(video=video, output_type=output_type)
+            else:
+                video = x
+            pipe.maybe_free_model_hooks()
+            if not return_dict:
+                return (video,)
+            return module.CogVideoXPipelineOutput(frames=video)
+
+        return Job(
+            latents=latents,
+            num_steps=len(timesteps),
+            policy=policy,
+            forward=forward,
+            update=update,
+            prediction_spec=[(tuple(latents.shape), torch.float32)],
+            device=latents.device,
+            finish=finish,
+            step_end=step_end,
+            interrupted=lambda: pipe._interrupt,
+            progress=self.progress,
+            state_tensors=update.state_tensors,
+        )

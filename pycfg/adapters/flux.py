@@ -1,0 +1,219 @@
+"""FluxPipeline (text to image): true CFG as two separate forwards, the distilled guidance tensor on both.
+
+A request with ``true_cfg_scale > 1`` and a negative prompt runs ``cond`` and ``uncond`` as separate branches
+and combines them exactly as stock (``neg + s * (pos - neg)``); guidance-distilled requests (the ``guidance``
+embedding only) run the single ``cond`` branch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..guidance import CFG, GuidancePolicy, NoGuidance
+from ..runtime.job import Job
+from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from .base import Adapter, own_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class FluxAdapter(Adapter):
+    pipeline_classes = ("FluxPipeline",)
+
+    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pipe = self.pipe
+        a = self.bind(kwargs)
+        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(
+            a["prompt"],
+            a["prompt_2"],
+            a["height"],
+            a["width"],
+            negative_prompt=a["negative_prompt"],
+            negative_prompt_2=a["negative_prompt_2"],
+            prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"],
+            pooled_prompt_embeds=a["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+            callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
+            max_sequence_length=a["max_sequence_length"],
+        )
+        # stock raises this one from __call__ itself, after check_inputs
+        if self._true_cfg(a) and a["prompt_embeds"] is not None and a["negative_prompt_embeds"] is not None:
+            if a["prompt_embeds"].shape != a["negative_prompt_embeds"].shape:
+                raise ValueError(
+                    "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but"
+                    f" got: `prompt_embeds` {a['prompt_embeds'].shape} != `negative_prompt_embeds`"
+                    f" {a['negative_prompt_embeds'].shape}."
+                )
+        if a["output_type"] not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        return a
+
+    @staticmethod
+    def _has_negative(a) -> bool:
+        return a["negative_prompt"] is not None or (
+            a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None
+        )
+
+    def _true_cfg(self, a) -> bool:
+        return a["true_cfg_scale"] > 1 and self._has_negative(a)
+
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        return CFG(a["true_cfg_scale"]) if self._true_cfg(a) else NoGuidance()
+
+    def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
+        pipe, module = self.pipe, self.module
+        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
+        needs_negative = "uncond" in policy.branches
+        if needs_negative and not self._has_negative(a):
+            raise ValueError(
+                f"guidance {policy.describe()} needs negative_prompt, or negative_prompt_embeds with "
+                "negative_pooled_prompt_embeds"
+            )
+
+        pipe._guidance_scale = a["guidance_scale"]
+        pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
+        pipe._current_timestep = None
+        pipe._interrupt = False
+
+        batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
+        device = pipe._execution_device
+        jak = a["joint_attention_kwargs"]
+        lora_scale = jak.get("scale", None) if jak is not None else None
+        n_per = a["num_images_per_prompt"]
+        encode = dict(device=device, num_images_per_prompt=n_per, max_sequence_length=a["max_sequence_length"],
+                      lora_scale=lora_scale)
+
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_embeds=a["prompt_embeds"],
+            pooled_prompt_embeds=a["pooled_prompt_embeds"], **encode,
+        )
+        text = {"cond": [embeds, pooled, text_ids]}
+        if needs_negative:
+            text["uncond"] = list(pipe.encode_prompt(
+                prompt=a["negative_prompt"], prompt_2=a["negative_prompt_2"],
+                prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                **encode,
+            ))
+
+        height, width = a["height"], a["width"]
+        num_channels_latents = pipe.transformer.config.in_channels // 4
+        latents, latent_image_ids = pipe.prepare_latents(
+            batch_size * n_per, num_channels_latents, height, width, embeds.dtype, device, a["generator"],
+            a["latents"],
+        )
+        latents = own_tensor(latents, a["latents"])
+
+        n_steps = a["num_inference_steps"]
+        scheduler = self.private_scheduler()
+        sigmas = a["sigmas"]
+        sigmas = np.linspace(1.0, 1 / n_steps, n_steps) if sigmas is None else sigmas
+        if hasattr(scheduler.config, "use_flow_sigmas") and scheduler.config.use_flow_sigmas:
+            sigmas = None
+        mu = module.calculate_shift(
+            latents.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, n_steps = module.retrieve_timesteps(scheduler, n_steps, device, sigmas=sigmas, mu=mu)
+        pipe._num_timesteps = len(timesteps)
+
+        transformer = pipe.transformer
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([1], a["guidance_scale"], device=device, dtype=torch.float32)
+            guidance = guidance.expand(latents.shape[0])
+        else:
+            guidance = None
+
+        ip_image, ip_embeds = a["ip_adapter_image"], a["ip_adapter_image_embeds"]
+        neg_ip_image, neg_ip_embeds = a["negative_ip_adapter_image"], a["negative_ip_adapter_image_embeds"]
+        # stock pairs a lone positive (or negative) IP-adapter image with a black one on the other side
+        if (ip_image is not None or ip_embeds is not None) and (neg_ip_image is None and neg_ip_embeds is None):
+            neg_ip_image = [np.zeros((width, height, 3), dtype=np.uint8)] * transformer.encoder_hid_proj.num_ip_adapters
+        elif (ip_image is None and ip_embeds is None) and (neg_ip_image is not None or neg_ip_embeds is not None):
+            ip_image = [np.zeros((width, height, 3), dtype=np.uint8)] * transformer.encoder_hid_proj.num_ip_adapters
+        if pipe._joint_attention_kwargs is None:
+            pipe._joint_attention_kwargs = {}
+        image_embeds = {}
+        if ip_image is not None or ip_embeds is not None:
+            image_embeds["cond"] = pipe.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device,
+                                                                        batch_size * n_per)
+        if needs_negative and (neg_ip_image is not None or neg_ip_embeds is not None):
+            image_embeds["uncond"] = pipe.prepare_ip_adapter_image_embeds(neg_ip_image, neg_ip_embeds, device,
+                                                                          batch_size * n_per)
+        scheduler.set_begin_index(0)
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
+            t = timesteps[i]
+            pipe._current_timestep = t
+            timestep = t.expand(x.shape[0]).to(x.dtype)
+            attention_kwargs = pipe._joint_attention_kwargs
+            preds = []
+            for name in names:
+                if name in image_embeds:
+                    attention_kwargs["ip_adapter_image_embeds"] = image_embeds[name]
+                prompt_embeds, pooled_embeds, ids = text[name]
+                with transformer.cache_context(name):
+                    preds.append(transformer(
+                        hidden_states=x,
+                        timestep=timestep / 1000,
+                        guidance=guidance,
+                        pooled_projections=pooled_embeds,
+                        encoder_hidden_states=prompt_embeds,
+                        txt_ids=ids,
+                        img_ids=latent_image_ids,
+                        joint_attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0])
+            return preds
+
+        callback = a["callback_on_step_end"]
+
+        def apply(outputs):
+            if "prompt_embeds" in outputs:
+                text["cond"][0] = outputs.pop("prompt_embeds")
+
+        step_end = make_step_end(
+            pipe, callback, callback_tensor_inputs(callback, a["callback_on_step_end_tensor_inputs"]), timesteps,
+            lambda x: {"latents": x, "prompt_embeds": text["cond"][0]}, apply,
+        )
+        output_type, return_dict = a["output_type"], a["return_dict"]
+
+        def finish(x: torch.Tensor):
+            pipe._current_timestep = None
+            if output_type == "latent":
+                image = x
+            else:
+                x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+                x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+                x = x.to(module.get_module_execution_device(pipe.vae))
+                image = pipe.vae.decode(x, return_dict=False)[0]
+                image = pipe.image_processor.postprocess(image, output_type=output_type)
+            pipe.maybe_free_model_hooks()
+            if not return_dict:
+                return (image,)
+            return module.FluxPipelineOutput(images=image)
+
+        stepper = self.make_update(scheduler, timesteps)
+        return Job(
+            latents=latents,
+            num_steps=len(timesteps),
+            policy=policy,
+            forward=forward,
+            update=stepper,
+            prediction_spec=[(tuple(latents.shape), transformer.dtype)],
+            device=latents.device,
+            finish=finish,
+            step_end=step_end,
+            interrupted=lambda: pipe._interrupt,
+            progress=self.progress,
+            state_tensors=stepper.state_tensors,
+        )

@@ -1,0 +1,163 @@
+"""HunyuanVideoPipeline (text to video): the true-CFG path as two separate forwards.
+
+HunyuanVideo is guidance-distilled: ``guidance_scale`` feeds an embedded guidance tensor to every forward.
+Only ``true_cfg_scale > 1`` with a negative prompt adds the ``uncond`` branch (``neg + s * (pos - neg)``, as
+stock); embedded-guidance requests run the single ``cond`` branch on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..guidance import CFG, GuidancePolicy, NoGuidance
+from ..runtime.job import Job
+from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from .base import Adapter, own_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class HunyuanVideoAdapter(Adapter):
+    pipeline_classes = ("HunyuanVideoPipeline",)
+
+    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pipe = self.pipe
+        a = self.bind(kwargs)
+        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
+            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
+        )
+        pipe.check_inputs(
+            a["prompt"],
+            a["prompt_2"],
+            a["height"],
+            a["width"],
+            a["prompt_embeds"],
+            a["callback_on_step_end_tensor_inputs"],
+            a["prompt_template"],
+        )
+        if a["output_type"] not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        return a
+
+    @staticmethod
+    def _has_negative(a) -> bool:
+        return a["negative_prompt"] is not None or (
+            a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None
+        )
+
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        if a["true_cfg_scale"] > 1 and self._has_negative(a):
+            return CFG(a["true_cfg_scale"])
+        return NoGuidance()
+
+    def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
+        pipe, module = self.pipe, self.module
+        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
+        needs_negative = "uncond" in policy.branches
+        if needs_negative and not self._has_negative(a):
+            raise ValueError(
+                f"guidance {policy.describe()} needs negative_prompt, or negative_prompt_embeds with "
+                "negative_pooled_prompt_embeds"
+            )
+
+        pipe._guidance_scale = a["guidance_scale"]
+        pipe._attention_kwargs = a["attention_kwargs"]
+        pipe._current_timestep = None
+        pipe._interrupt = False
+        device = pipe._execution_device
+        batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
+        transformer = pipe.transformer
+        transformer_dtype = transformer.dtype
+        encode = dict(prompt_template=a["prompt_template"], num_videos_per_prompt=a["num_videos_per_prompt"],
+                      device=device, max_sequence_length=a["max_sequence_length"])
+
+        def encoded(prompt, prompt_2, embeds, pooled, mask):
+            embeds, pooled, mask = pipe.encode_prompt(prompt=prompt, prompt_2=prompt_2, prompt_embeds=embeds,
+                                                      pooled_prompt_embeds=pooled, prompt_attention_mask=mask,
+                                                      **encode)
+            return [embeds.to(transformer_dtype), mask.to(transformer_dtype), pooled.to(transformer_dtype)]
+
+        text = {"cond": encoded(a["prompt"], a["prompt_2"], a["prompt_embeds"], a["pooled_prompt_embeds"],
+                                a["prompt_attention_mask"])}
+        if needs_negative:
+            text["uncond"] = encoded(a["negative_prompt"], a["negative_prompt_2"], a["negative_prompt_embeds"],
+                                     a["negative_pooled_prompt_embeds"], a["negative_prompt_attention_mask"])
+
+        n_steps = a["num_inference_steps"]
+        sigmas = a["sigmas"]
+        sigmas = np.linspace(1.0, 0.0, n_steps + 1)[:-1] if sigmas is None else sigmas
+        scheduler = self.private_scheduler()
+        timesteps, n_steps = module.retrieve_timesteps(scheduler, n_steps, device, sigmas=sigmas)
+
+        latents = pipe.prepare_latents(
+            batch_size * a["num_videos_per_prompt"], transformer.config.in_channels, a["height"], a["width"],
+            a["num_frames"], torch.float32, device, a["generator"], a["latents"],
+        )
+        latents = own_tensor(latents, a["latents"])
+        guidance = torch.tensor([a["guidance_scale"]] * latents.shape[0], dtype=transformer_dtype,
+                                device=device) * 1000.0
+        scheduler.set_begin_index(0)
+        pipe._num_timesteps = len(timesteps)
+        attention_kwargs = a["attention_kwargs"]
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
+            t = timesteps[i]
+            pipe._current_timestep = t
+            model_input = x.to(transformer_dtype)
+            timestep = t.expand(x.shape[0]).to(x.dtype)
+            preds = []
+            for name in names:
+                embeds, mask, pooled = text[name]
+                with transformer.cache_context(name):
+                    preds.append(transformer(
+                        hidden_states=model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=embeds,
+                        encoder_attention_mask=mask,
+                        pooled_projections=pooled,
+                        guidance=guidance,
+                        attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0])
+            return preds
+
+        def apply(outputs):
+            if "prompt_embeds" in outputs:
+                text["cond"][0] = outputs.pop("prompt_embeds")
+
+        step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
+                                 lambda x: {"latents": x, "prompt_embeds": text["cond"][0]}, apply)
+        output_type, return_dict = a["output_type"], a["return_dict"]
+
+        def finish(x: torch.Tensor):
+            pipe._current_timestep = None
+            if output_type != "latent":
+                x = x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+                video = pipe.vae.decode(x, return_dict=False)[0]
+                video = pipe.video_processor.postprocess_video(video, output_type=output_type)
+            else:
+                video = x
+            pipe.maybe_free_model_hooks()
+            if not return_dict:
+                return (video,)
+            return module.HunyuanVideoPipelineOutput(frames=video)
+
+        stepper = self.make_update(scheduler, timesteps)
+        return Job(
+            latents=latents,
+            num_steps=len(timesteps),
+            policy=policy,
+            forward=forward,
+            update=stepper,
+            prediction_spec=[(tuple(latents.shape), transformer_dtype)],
+            device=latents.device,
+            finish=finish,
+            step_end=step_end,
+            interrupted=lambda: pipe._interrupt,
+            progress=self.progress,
+            state_tensors=stepper.state_tensors,
+        )

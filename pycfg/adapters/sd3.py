@@ -1,0 +1,263 @@
+"""StableDiffusion3Pipeline (text to image): its batched CFG split into branches, skip-layer guidance as a third.
+
+Stock runs ``cat([neg, pos])`` as one batch; pycfg runs ``cond`` and ``uncond`` as separate forwards, so it
+matches stock within fp32 rounding (a batch-2 matmul is not bit-identical to two batch-1 ones) while staying
+bit-identical across cfg_parallel_size. Skip-layer guidance (``skip_guidance_layers``) adds the ``skip`` branch:
+the cond inputs with ``skip_layers=`` passed to the transformer, inside the stock pipeline's own step window.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ..guidance import GuidancePolicy, NoGuidance
+from ..guidance.base import Prediction, weighted_sum_fp32
+from ..runtime.job import Job
+from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from .base import Adapter, own_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class SD3Guidance(GuidancePolicy):
+    """SD3's CFG with optional skip-layer guidance, in the stock pipeline's arithmetic.
+
+    ``p = u + w (c - u)``, then inside the window ``p = p + (c - s) * slg_scale`` where ``s`` is the cond
+    prediction with layers skipped. The window is stock's, not the guiders' ``int(start*N) <= i < int(stop*N)``:
+    strict on both ends and compared in floats, ``i > N*start and i < N*stop``, with N the pipeline's
+    ``num_inference_steps``.
+    """
+
+    linear = True
+
+    def __init__(self, scale: float, skip_layers: list[int] | None = None, skip_scale: float = 2.8,
+                 skip_start: float = 0.01, skip_stop: float = 0.2, num_inference_steps: int | None = None) -> None:
+        self.scale = scale
+        self.skip_layers = list(skip_layers) if skip_layers is not None else None
+        self.skip_scale = skip_scale
+        self.skip_start, self.skip_stop = skip_start, skip_stop
+        self.num_inference_steps = num_inference_steps
+        self.branches = ("cond", "uncond", "skip") if self.skip_layers is not None else ("cond", "uncond")
+
+    def reset(self, num_steps: int) -> None:
+        super().reset(num_steps)
+        if self.num_inference_steps is None:
+            self.num_inference_steps = num_steps
+
+    def skipping(self, i: int) -> bool:
+        n = self.num_inference_steps
+        return self.skip_layers is not None and (i > n * self.skip_start and i < n * self.skip_stop)
+
+    def active(self, i: int) -> tuple[str, ...]:
+        return ("cond", "uncond", "skip") if self.skipping(i) else ("cond", "uncond")
+
+    def combine(self, preds: dict[str, Prediction], i: int) -> Prediction:
+        c, u = preds["cond"], preds["uncond"]
+        p = u + self.scale * (c - u)
+        if "skip" in preds:
+            p = p + (c - preds["skip"]) * self.skip_scale
+        return p
+
+    def _weights(self, i: int) -> dict[str, float]:
+        if self.skipping(i):
+            return {"cond": self.scale + self.skip_scale, "uncond": 1.0 - self.scale, "skip": -self.skip_scale}
+        return {"cond": self.scale, "uncond": 1.0 - self.scale}
+
+    def reduce_terms(self, preds, i, like):
+        return [weighted_sum_fp32(preds, self._weights(i), like)]
+
+    def reduce_finish(self, terms, i, like):
+        return terms[0].to(like.dtype)
+
+    def describe(self) -> str:
+        if self.skip_layers is None:
+            return f"SD3Guidance(scale={self.scale})"
+        return (f"SD3Guidance(scale={self.scale}, skip_layers={self.skip_layers}, skip_scale={self.skip_scale}, "
+                f"window=({self.skip_start}, {self.skip_stop}))")
+
+
+class StableDiffusion3Adapter(Adapter):
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+
+    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pipe = self.pipe
+        a = self.bind(kwargs)
+        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
+            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
+        )
+        pipe.check_inputs(
+            a["prompt"],
+            a["prompt_2"],
+            a["prompt_3"],
+            a["height"],
+            a["width"],
+            negative_prompt=a["negative_prompt"],
+            negative_prompt_2=a["negative_prompt_2"],
+            negative_prompt_3=a["negative_prompt_3"],
+            prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"],
+            pooled_prompt_embeds=a["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+            callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
+            max_sequence_length=a["max_sequence_length"],
+        )
+        if a["ip_adapter_image"] is not None or a["ip_adapter_image_embeds"] is not None:
+            raise NotImplementedError("pycfg's StableDiffusion3Pipeline adapter does not support IP-Adapter inputs yet")
+        if a["output_type"] not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        return a
+
+    def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
+        pipe, module = self.pipe, self.module
+        default_cfg = a["guidance_scale"] > 1
+        needs_negative = "uncond" in policy.branches if policy is not None else default_cfg
+
+        pipe._guidance_scale = a["guidance_scale"]
+        pipe._skip_layer_guidance_scale = a["skip_layer_guidance_scale"]
+        pipe._clip_skip = a["clip_skip"]
+        pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
+        pipe._interrupt = False
+
+        batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
+        device = pipe._execution_device
+        jak = a["joint_attention_kwargs"]
+        lora_scale = jak.get("scale", None) if jak is not None else None
+        n_per = a["num_images_per_prompt"]
+        embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=a["prompt"],
+            prompt_2=a["prompt_2"],
+            prompt_3=a["prompt_3"],
+            negative_prompt=a["negative_prompt"],
+            negative_prompt_2=a["negative_prompt_2"],
+            negative_prompt_3=a["negative_prompt_3"],
+            do_classifier_free_guidance=needs_negative,
+            prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"],
+            pooled_prompt_embeds=a["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+            device=device,
+            clip_skip=a["clip_skip"],
+            num_images_per_prompt=n_per,
+            max_sequence_length=a["max_sequence_length"],
+            lora_scale=lora_scale,
+        )
+        # the skip branch runs on the cond text, as stock's original_prompt_embeds
+        text = {"cond": [embeds, pooled], "skip": [embeds, pooled]}
+        if needs_negative:
+            text["uncond"] = [neg_embeds, neg_pooled]
+
+        latents = pipe.prepare_latents(
+            batch_size * n_per, pipe.transformer.config.in_channels, a["height"], a["width"], embeds.dtype, device,
+            a["generator"], a["latents"],
+        )
+        latents = own_tensor(latents, a["latents"])
+
+        scheduler = self.private_scheduler()
+        scheduler_kwargs = {}
+        mu = a["mu"]
+        if scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+            _, _, h, w = latents.shape
+            patch = pipe.transformer.config.patch_size
+            mu = module.calculate_shift(
+                (h // patch) * (w // patch),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+            scheduler_kwargs["mu"] = mu
+        elif mu is not None:
+            scheduler_kwargs["mu"] = mu
+        timesteps, n_steps = module.retrieve_timesteps(
+            scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **scheduler_kwargs
+        )
+        pipe._num_timesteps = len(timesteps)
+
+        if policy is not None:
+            policy = copy.deepcopy(policy)
+        elif default_cfg:
+            policy = SD3Guidance(a["guidance_scale"], a["skip_guidance_layers"], a["skip_layer_guidance_scale"],
+                                 a["skip_layer_guidance_start"], a["skip_layer_guidance_stop"], n_steps)
+        else:
+            policy = NoGuidance()
+        if "uncond" in policy.branches and "uncond" not in text:
+            raise ValueError(f"guidance {policy.describe()} needs a negative prompt or negative embeds")
+        skip_layers = a["skip_guidance_layers"]
+        if "skip" in policy.branches and skip_layers is None:
+            raise ValueError(f"guidance {policy.describe()} needs skip_guidance_layers")
+
+        transformer = pipe.transformer
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
+            t = timesteps[i]
+            timestep = t.expand(x.shape[0])
+            preds = []
+            for name in names:
+                prompt_embeds, pooled_embeds = text[name]
+                extra = {"skip_layers": skip_layers} if name == "skip" else {}
+                preds.append(transformer(
+                    hidden_states=x,
+                    timestep=timestep,
+                    encoder_hidden_states=prompt_embeds,
+                    pooled_projections=pooled_embeds,
+                    joint_attention_kwargs=pipe._joint_attention_kwargs,
+                    return_dict=False,
+                    **extra,
+                )[0])
+            return preds
+
+        cfg_request = "uncond" in text
+
+        def offered(x):
+            # the stock loop's locals: with CFG, prompt embeds are the batched cat([neg, pos])
+            values = {"latents": x, "prompt_embeds": text["cond"][0], "pooled_prompt_embeds": text["cond"][1]}
+            if cfg_request:
+                values["prompt_embeds"] = torch.cat([text["uncond"][0], text["cond"][0]], dim=0)
+                values["pooled_prompt_embeds"] = torch.cat([text["uncond"][1], text["cond"][1]], dim=0)
+            return values
+
+        def apply(outputs):
+            for j, key in enumerate(("prompt_embeds", "pooled_prompt_embeds")):
+                if key in outputs:
+                    value = outputs.pop(key)
+                    if cfg_request:
+                        text["uncond"][j], text["cond"][j] = value.chunk(2)
+                    else:
+                        text["cond"][j] = value
+
+        step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
+                                 offered, apply)
+        output_type, return_dict = a["output_type"], a["return_dict"]
+
+        def finish(x: torch.Tensor):
+            if output_type == "latent":
+                image = x
+            else:
+                x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+                image = pipe.vae.decode(x, return_dict=False)[0]
+                image = pipe.image_processor.postprocess(image, output_type=output_type)
+            pipe.maybe_free_model_hooks()
+            if not return_dict:
+                return (image,)
+            return module.StableDiffusion3PipelineOutput(images=image)
+
+        stepper = self.make_update(scheduler, timesteps)
+        return Job(
+            latents=latents,
+            num_steps=len(timesteps),
+            policy=policy,
+            forward=forward,
+            update=stepper,
+            prediction_spec=[(tuple(latents.shape), transformer.dtype)],
+            device=latents.device,
+            finish=finish,
+            step_end=step_end,
+            interrupted=lambda: pipe._interrupt,
+            progress=self.progress,
+            state_tensors=stepper.state_tensors,
+        )

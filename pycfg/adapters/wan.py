@@ -1,0 +1,210 @@
+"""WanPipeline (text to video), Wan 2.1 and 2.2: two separate forwards per step, one or two experts.
+
+Wan 2.2 hands the denoising from ``transformer`` to ``transformer_2`` once the timestep drops below
+``boundary_ratio * num_train_timesteps``, and its guidance scale from ``guidance_scale`` to ``guidance_scale_2``
+with it. The expert follows the step inside ``forward``; the scale follows it in :class:`StepScaledCFG`, whose
+per-step scales are decided on the host from the same timesteps and the same comparison as stock.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ..guidance import GuidancePolicy, NoGuidance
+from ..runtime.job import Job
+from ._common import StepScaledCFG, callback_tensor_inputs, make_step_end, prompt_batch_size
+from .base import Adapter, own_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class WanAdapter(Adapter):
+    pipeline_classes = ("WanPipeline",)
+
+    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        pipe = self.pipe
+        a = self.bind(kwargs)
+        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
+            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
+        )
+        pipe.check_inputs(
+            a["prompt"],
+            a["negative_prompt"],
+            a["height"],
+            a["width"],
+            a["prompt_embeds"],
+            a["negative_prompt_embeds"],
+            a["callback_on_step_end_tensor_inputs"],
+            a["guidance_scale_2"],
+        )
+        if a["output_type"] not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        return a
+
+    def _experts(self):
+        pipe = self.pipe
+        return pipe.transformer, pipe.transformer_2
+
+    def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
+        pipe, module = self.pipe, self.module
+        transformer, transformer_2 = self._experts()
+        vae_t = pipe.vae_scale_factor_temporal
+
+        num_frames = a["num_frames"]
+        if num_frames % vae_t != 1:
+            module.logger.warning(
+                f"`num_frames - 1` has to be divisible by {vae_t}. Rounding to the nearest number."
+            )
+            num_frames = num_frames // vae_t * vae_t + 1
+        num_frames = max(num_frames, 1)
+        patch_size = transformer.config.patch_size if transformer is not None else transformer_2.config.patch_size
+        h_multiple_of = pipe.vae_scale_factor_spatial * patch_size[1]
+        w_multiple_of = pipe.vae_scale_factor_spatial * patch_size[2]
+        height, width = a["height"], a["width"]
+        calc_height = height // h_multiple_of * h_multiple_of
+        calc_width = width // w_multiple_of * w_multiple_of
+        if height != calc_height or width != calc_width:
+            module.logger.warning(
+                f"`height` and `width` must be multiples of ({h_multiple_of}, {w_multiple_of}) for proper "
+                f"patchification. Adjusting ({height}, {width}) -> ({calc_height}, {calc_width})."
+            )
+            height, width = calc_height, calc_width
+
+        guidance_scale, guidance_scale_2 = a["guidance_scale"], a["guidance_scale_2"]
+        if pipe.config.boundary_ratio is not None and guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
+        pipe._guidance_scale = guidance_scale
+        pipe._guidance_scale_2 = guidance_scale_2
+        pipe._attention_kwargs = a["attention_kwargs"]
+        pipe._current_timestep = None
+        pipe._interrupt = False
+        device = pipe._execution_device
+
+        # the stock loop: CFG iff guidance_scale > 1 (the property), whatever guidance_scale_2 is
+        default_cfg = guidance_scale > 1.0
+        needs_negative = "uncond" in policy.branches if policy is not None else default_cfg
+
+        batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt=a["prompt"],
+            negative_prompt=a["negative_prompt"],
+            do_classifier_free_guidance=needs_negative,
+            num_videos_per_prompt=a["num_videos_per_prompt"],
+            prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"],
+            max_sequence_length=a["max_sequence_length"],
+            device=device,
+        )
+        transformer_dtype = transformer.dtype if transformer is not None else transformer_2.dtype
+        text = {"cond": prompt_embeds.to(transformer_dtype)}
+        if negative_prompt_embeds is not None:
+            text["uncond"] = negative_prompt_embeds.to(transformer_dtype)
+
+        scheduler = self.private_scheduler()
+        scheduler.set_timesteps(a["num_inference_steps"], device=device)
+        timesteps = scheduler.timesteps
+
+        num_channels_latents = (
+            transformer.config.in_channels if transformer is not None else transformer_2.config.in_channels
+        )
+        latents = pipe.prepare_latents(
+            batch_size * a["num_videos_per_prompt"], num_channels_latents, height, width, num_frames,
+            torch.float32, device, a["generator"], a["latents"],
+        )
+        latents = own_tensor(latents, a["latents"])
+        mask = torch.ones(latents.shape, dtype=torch.float32, device=device)
+        pipe._num_timesteps = len(timesteps)
+        scheduler.set_begin_index(0)
+
+        if pipe.config.boundary_ratio is not None:
+            boundary_timestep = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
+        else:
+            boundary_timestep = None
+        first_expert = [bool(boundary_timestep is None or t >= boundary_timestep) for t in timesteps]
+
+        if policy is not None:
+            policy = copy.deepcopy(policy)
+        elif default_cfg:
+            policy = StepScaledCFG([guidance_scale if first else guidance_scale_2 for first in first_expert])
+        else:
+            policy = NoGuidance()
+        if "uncond" in policy.branches and "uncond" not in text:
+            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
+
+        attention_kwargs = a["attention_kwargs"]
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
+            t = timesteps[i]
+            pipe._current_timestep = t
+            model = transformer if first_expert[i] else transformer_2
+            model_input = x.to(transformer_dtype)
+            if pipe.config.expand_timesteps:
+                temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()
+                timestep = temp_ts.unsqueeze(0).expand(x.shape[0], -1)
+            else:
+                timestep = t.expand(x.shape[0])
+            cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
+            preds = []
+            for name in names:
+                with model.cache_context(name, **cache_kwargs):
+                    preds.append(model(
+                        hidden_states=model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=text[name],
+                        attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0])
+            return preds
+
+        def apply(outputs):
+            if "prompt_embeds" in outputs:
+                text["cond"] = outputs.pop("prompt_embeds")
+            if "negative_prompt_embeds" in outputs:
+                text["uncond"] = outputs.pop("negative_prompt_embeds")
+
+        step_end = make_step_end(
+            pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
+            lambda x: {"latents": x, "prompt_embeds": text["cond"], "negative_prompt_embeds": text.get("uncond")},
+            apply,
+        )
+        output_type, return_dict = a["output_type"], a["return_dict"]
+
+        def finish(x: torch.Tensor):
+            pipe._current_timestep = None
+            if output_type != "latent":
+                vae = pipe.vae
+                x = x.to(module.get_module_execution_device(vae), dtype=vae.dtype)
+                z_dim = vae.config.z_dim
+                latents_mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+                latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
+                    x.device, x.dtype
+                )
+                x = x / latents_std + latents_mean
+                video = vae.decode(x, return_dict=False)[0]
+                video = pipe.video_processor.postprocess_video(video, output_type=output_type)
+            else:
+                video = x
+            pipe.maybe_free_model_hooks()
+            if not return_dict:
+                return (video,)
+            return module.WanPipelineOutput(frames=video)
+
+        stepper = self.make_update(scheduler, timesteps)
+        model = transformer if transformer is not None else transformer_2
+        return Job(
+            latents=latents,
+            num_steps=len(timesteps),
+            policy=policy,
+            forward=forward,
+            update=stepper,
+            prediction_spec=[(tuple(latents.shape), model.dtype)],
+            device=latents.device,
+            finish=finish,
+            step_end=step_end,
+            interrupted=lambda: pipe._interrupt,
+            progress=self.progress,
+            state_tensors=stepper.state_tensors,
+        )
