@@ -4,7 +4,7 @@ run by stock diffusers and by pycfg with cfg_parallel_size=2 over two local proc
 Prints the max absolute difference of the final latents and of the decoded image (0 expected: bit-identical),
 per-step times of both, and writes the image.
 
-    python -m pycfg.demo [--steps 20] [--config tiny|small] [--out demo.png]
+    python -m pycfg.demo [--steps 20] [--config tiny|demo|small] [--out demo.png]
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _rank_main(rank: int, world: int, config: str, steps: int, seed: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pycfg demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="tiny", choices=["tiny", "small"], help="pipeline size")
+    parser.add_argument("--config", default="demo", choices=["tiny", "demo", "small"],
+                        help="pipeline size (demo: 4 blocks, hidden 256, 256 image tokens)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg-parallel-size", type=int, default=2, help="local processes (ranks)")

@@ -98,3 +98,15 @@ def toy_fused(rank: int, world: int, scheduler: str, steps: int, scale: float = 
               state_tensors=update.state_tensors)
     latents, _ = denoise(job, comm, exchange=exchange, check_consistency=True)
     return latents
+
+
+def stock_after_fused(rank: int, world: int) -> bool:
+    """A fused run leaves the user's scheduler untouched; the stock pipeline then gives its own bits."""
+    pipe = qwenimage_pipeline("tiny", scheduler=make_scheduler("unipc"))
+    before = copy.deepcopy(pipe.scheduler.config)
+    call = dict(qwenimage_inputs("tiny"), true_cfg_scale=4.0, num_inference_steps=4, output_type="latent")
+    fresh = qwenimage_pipeline("tiny", scheduler=make_scheduler("unipc"))
+    expected = fresh(**call, generator=torch.Generator().manual_seed(0)).images
+    pycfg.compile(pipe, fused=True)(**call, generator=torch.Generator().manual_seed(0))
+    assert pipe.scheduler.config == before and pipe.scheduler.step_index is None
+    return torch.equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, expected)

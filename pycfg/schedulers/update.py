@@ -34,11 +34,12 @@ def load_fused_kernel(device: torch.device):
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         import sys
 
-        if "pycfg.kernels.fused_update" in sys.modules:
+        if "triton" in sys.modules:
+            # triton's own library functions (tl.randn, ...) were defined for compilation at its import
             raise RuntimeError(
-                "fused=True on a CPU device runs the Triton kernel in Triton's interpreter, but the kernel was "
-                "already compiled for a GPU: set TRITON_INTERPRET=1 in the environment before starting Python "
-                "(or use fused=False / fused=None on CPU)"
+                "fused=True on a CPU device runs the Triton kernel in Triton's interpreter, which must be chosen "
+                "before triton is first imported: set TRITON_INTERPRET=1 in the environment before starting "
+                "Python (or use fused=False / fused=None on CPU)"
             )
         os.environ["TRITON_INTERPRET"] = "1"
     from ..kernels import fused_update
