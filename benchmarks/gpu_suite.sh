@@ -42,5 +42,10 @@ step bench_comm "$PYTHON" benchmarks/bench_comm.py --out "$OUTDIR"
 # the fused update: kernel vs reference (compiled), plans vs step(), then bandwidth and speed vs eager
 step kernel_tests "$PYTHON" -m pytest -q tests/test_kernels.py tests/test_scheduler_plans.py
 step bench_kernels "$PYTHON" benchmarks/bench_kernels.py --out "$OUTDIR"
+# compiled forwards + whole-step CUDA graphs (tiny pipeline), then stock / stock+torch.compile / pycfg P=1 on a
+# realistic-size random-weight transformer (PYCFG_BENCH_MODEL_ARGS to change model, size or layer count)
+step graphs_tests "$PYTHON" -m pytest -q -rs tests/test_graphs_gpu.py
+step bench_pipeline_gpu "$PYTHON" benchmarks/bench_pipeline.py ${PYCFG_BENCH_MODEL_ARGS:---model qwen-image --height 1024 --width 1024 --steps 6} \
+  --out "$OUTDIR/bench_pipeline_gpu"
 
 exit $failed

@@ -7,6 +7,7 @@
 from . import guidance
 from .adapters import supported_pipelines
 from .api import CompiledPipeline, compile
+from .engine import Engine, EngineError, EngineUnhealthyError, InvalidRequestError, WorkerFailureError
 from .errors import ArgumentMismatchError, ConsistencyError, PycfgError, RankFailureError
 
 __version__ = "0.1.0"
@@ -14,6 +15,11 @@ __version__ = "0.1.0"
 __all__ = [
     "compile",
     "CompiledPipeline",
+    "Engine",
+    "EngineError",
+    "EngineUnhealthyError",
+    "InvalidRequestError",
+    "WorkerFailureError",
     "guidance",
     "supported_pipelines",
     "PycfgError",

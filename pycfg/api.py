@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from .adapters import find_adapter
 from .guidance import GuidancePolicy
 from .parallel.comm import make_comm
 from .parallel.groups import form_cfg_group
+from .runtime.compiled import check_compile_option, choose_batching, compile_transformer as _compile_transformer
 from .runtime.consistency import check_same_arguments
 from .runtime.denoise import denoise
 from .schedulers import NOISE_SOURCES
@@ -42,6 +44,12 @@ class CompiledPipeline:
         #: wall time of each denoising step of the last call, in seconds
         self.last_step_times: list[float] = []
         self._lock = threading.Lock()
+        #: set by compile(): what was compiled, the CUDA-graph runner, the batching mode ("auto" or fixed)
+        self.compile_info: dict[str, Any] | None = None
+        self.step_graphs = None
+        self.batch_mode: bool | str = bool(getattr(adapter, "batch_branches", False))
+        self.batch_choices: dict[Any, dict[str, Any]] = {}
+        self.warmup_times: dict[str, float] = {}
 
     @property
     def cfg_parallel_size(self) -> int:
@@ -63,12 +71,43 @@ class CompiledPipeline:
             )
             if guidance is not None:
                 _check_exchange(self.exchange, guidance, self.comm.size)
+            key = _shape_key(args, guidance, self.comm.size)
+            if self.batch_mode == "auto":
+                # decided before prepare() binds the choice into the job's forward
+                self.adapter.batch_branches = self.batch_choices.get(key, {}).get("batched", False)
             job = self.adapter.prepare(args, guidance)
             _check_exchange(self.exchange, job.policy, self.comm.size)
+            if self.batch_mode == "auto" and key not in self.batch_choices:
+                choice = choose_batching(self.adapter, job) if self.comm.size == 1 else {
+                    "batched": False, "why": "branches run on different ranks"}
+                self.batch_choices[key] = choice
+                self.adapter.batch_branches = choice["batched"]
+            if self.step_graphs is not None:
+                self.step_graphs.shape_key = (key, self.adapter.batch_branches)
             latents, self.last_step_times = denoise(
-                job, self.comm, exchange=self.exchange, check_consistency=self.check_consistency
+                job, self.comm, exchange=self.exchange, check_consistency=self.check_consistency,
+                step_graphs=self.step_graphs,
             )
             return job.finish(latents)
+
+    def warmup(self, **kwargs: Any) -> dict[str, float]:
+        """Run the call twice with these arguments (a short run by default) so compiles, autotuning, the
+        batching choice and CUDA-graph capture happen now; returns the cold and warm wall times (seconds).
+
+        Warm-up is per shape: call it with the height, width, text lengths and batch size you will serve.
+        """
+        kwargs.setdefault("num_inference_steps", 3)
+        kwargs.setdefault("output_type", "latent")
+        times = {}
+        for name in ("cold_s", "warm_s"):
+            start = time.perf_counter()
+            self(**kwargs)
+            device = _pipeline_device(self.pipeline)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name] = time.perf_counter() - start
+        self.warmup_times = times
+        return dict(times)
 
     def describe(self) -> dict[str, Any]:
         """How this pipeline runs: adapter, group, exchange, communicator, update path."""
@@ -82,7 +121,12 @@ class CompiledPipeline:
             "fused": bool(self.fused),
             "check_consistency": self.check_consistency,
             "timeout": self.timeout,
-            "batch_branches": bool(getattr(self.adapter, "batch_branches", False)),
+            "batch_branches": self.batch_mode,
+            "batch_choices": {repr(k): v for k, v in self.batch_choices.items()},
+            "text_bucket": getattr(self.adapter, "text_bucket", None),
+            "compile_transformer": self.compile_info,
+            "cuda_graphs": self.step_graphs.describe() if self.step_graphs is not None else False,
+            "warmup": dict(self.warmup_times),
         }
 
     def __getattr__(self, name: str):
@@ -98,6 +142,21 @@ def _check_exchange(exchange: str, policy: GuidancePolicy, size: int) -> None:
             f"exchange='reduce' needs a linear guidance policy; {policy.describe()} is not linear in the branch "
             "predictions: use exchange='gather'"
         )
+
+
+def _shape_key(args: dict[str, Any], guidance, size: int) -> tuple:
+    """What fixes a request's step shapes: tensor shapes, sizes, prompts (their token counts), the policy."""
+    parts = []
+    for name, value in sorted(args.items()):
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape), str(value.dtype)))
+        elif isinstance(value, (int, str, bool, type(None))) and name not in ("num_inference_steps",):
+            # floats (scales) change no shape: a new guidance scale reuses the compiled code and the choice
+            parts.append((name, value))
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            parts.append((name, tuple(value)))
+    policy = (type(guidance).__name__, tuple(guidance.branches)) if guidance is not None else None
+    return (tuple(parts), policy, size)
 
 
 def _pipeline_device(pipeline) -> torch.device:
@@ -116,8 +175,12 @@ def compile(
     group: dist.ProcessGroup | None = None,
     guidance: GuidancePolicy | None = None,
     comm: str = "auto",
-    batch_branches: bool = False,
+    batch_branches: bool | str | None = None,
     noise: str = "philox",
+    compile_transformer: bool | str = False,
+    compile_mode: str | None = None,
+    cuda_graphs: bool | None = None,
+    text_bucket: int | None = None,
 ) -> CompiledPipeline:
     """Make ``pipeline`` CFG-parallel over ``cfg_parallel_size`` ranks.
 
@@ -141,8 +204,22 @@ def compile(
             ``step()`` with the request's generator: the stock pipeline's bits).
         comm: which communicator carries the per-step collective: ``"auto"`` (the NCCL extension for CUDA groups
             when every rank can load it, else torch.distributed), ``"nccl-ext"`` or ``"torch"``.
-        batch_branches: run several same-shape branches dispatched to one rank as one batched forward. Off by
-            default: a batched forward's numerics can differ from separate batch-1 forwards in the last bits.
+        batch_branches: run several same-shape branches dispatched to one rank as one batched forward.
+            ``"auto"``: time both ways on the first request of each shape and keep the faster. ``None``
+            (default): ``"auto"`` when the transformer is compiled, else ``False``. Pass ``False`` for the stock
+            pipeline's bits: a batched forward's numerics can differ from separate batch-1 forwards.
+        compile_transformer: ``torch.compile`` the transformer in place: ``True`` / ``"full"`` (the whole
+            model), ``"regional"`` (each repeated block; the same code serves every block, so cold starts take
+            about one block's compile) or ``False``. Shapes are exact (no dynamic shapes) and every per-step
+            value is a tensor, so steps and guidance scales never recompile; each new image size or text length
+            compiles once (see ``text_bucket`` and :meth:`CompiledPipeline.warmup`).
+        compile_mode: the ``torch.compile`` mode (``None`` for its default, ``"max-autotune-no-cudagraphs"``,
+            ...). ``"reduce-overhead"`` brings torch's own CUDA graphs and cannot be combined with pycfg's.
+        cuda_graphs: capture each denoising step (forwards, collective, fused update) as one CUDA graph and
+            replay it. ``None``: on when the pipeline is on CUDA and the transformer is compiled.
+        text_bucket: pad text inputs to a multiple of this many tokens, with the padding masked out (adapters
+            whose model honours text masks only): fewer shapes to compile, and cond/uncond texts of different
+            lengths can share a batched forward. ``None``: exact lengths.
 
     Returns:
         A :class:`CompiledPipeline`: call it like the pipeline.
@@ -159,12 +236,34 @@ def compile(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if guidance is not None and not isinstance(guidance, GuidancePolicy):
         raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
-    if batch_branches not in (True, False):
-        raise ValueError(f"batch_branches must be True or False, got {batch_branches!r}")
+    if batch_branches not in (True, False, None, "auto"):
+        raise ValueError(f"batch_branches must be True, False, 'auto' or None, got {batch_branches!r}")
+    how = check_compile_option(compile_transformer, compile_mode)
+    if cuda_graphs not in (None, True, False):
+        raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+    if cuda_graphs and compile_mode == "reduce-overhead":
+        raise ValueError("compile_mode='reduce-overhead' uses torch's own CUDA graphs: it cannot run inside "
+                         "pycfg's step graphs (pass cuda_graphs=False, or another compile_mode)")
+    if text_bucket is not None and (isinstance(text_bucket, bool) or not isinstance(text_bucket, int)
+                                    or text_bucket < 1):
+        raise ValueError(f"text_bucket must be a positive integer or None, got {text_bucket!r}")
     adapter_class = find_adapter(pipeline)
     device = _pipeline_device(pipeline)
     adapter = adapter_class(pipeline, fused=fused, noise=noise)
-    adapter.batch_branches = batch_branches
+    if text_bucket is not None:
+        if not hasattr(adapter_class, "text_bucket"):
+            raise ValueError(f"text_bucket: {adapter_class.__name__} does not pad text inputs")
+        adapter.text_bucket = text_bucket
+    if batch_branches is None:
+        batch_branches = "auto" if how is not None else False
+    adapter.batch_branches = batch_branches if batch_branches != "auto" else False
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda" and how is not None and compile_mode != "reduce-overhead"
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the pipeline on a CUDA device, not {device}")
+    if cuda_graphs and not getattr(adapter_class, "graph_step_index", False):
+        logger.info("pycfg: %s does not support whole-step CUDA graphs; steps run eagerly", adapter_class.__name__)
+        cuda_graphs = False
     if guidance is not None:
         # before any process group exists: a policy that cannot run fails here, not at the first call
         _check_exchange(exchange, guidance, cfg_parallel_size)
@@ -183,5 +282,19 @@ def compile(
         guidance=guidance,
         timeout=float(timeout),
     )
+    compiled.batch_mode = batch_branches
+    if how is not None:
+        start = time.perf_counter()
+        info = _compile_transformer(pipeline.transformer, how, compile_mode)
+        for extra in ("transformer_2",):
+            if getattr(pipeline, extra, None) is not None:
+                _compile_transformer(getattr(pipeline, extra), how, compile_mode)
+        # torch.compile is lazy: the real compile time shows up in warmup()'s cold call
+        info["setup_s"] = time.perf_counter() - start
+        compiled.compile_info = info
+    if cuda_graphs:
+        from .runtime.graphs import StepGraphs
+
+        compiled.step_graphs = StepGraphs(device)
     logger.info("pycfg: %s", compiled.describe())
     return compiled

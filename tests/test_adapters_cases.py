@@ -36,6 +36,16 @@ def make_scheduler(name: str | None):
     raise ValueError(name)
 
 
+def nudge(pipe, i, t, tensors: dict) -> dict:
+    """A callback that changes what it is offered at step 1, so a mishandled callback shows in the output."""
+    if i == 1:
+        return {k: v * 0.9 if v is not None else v for k, v in tensors.items()}
+    return tensors
+
+
+CALLBACKS = {"nudge": nudge}
+
+
 def _plain(value: Any) -> Any:
     """Outputs as tensors / arrays only, so they travel back to the parent and compare bitwise."""
     if isinstance(value, torch.Tensor):
@@ -52,6 +62,8 @@ def _call(f, spec: dict) -> Any:
     kwargs = dict(spec.get("call", {}))
     kwargs.setdefault("output_type", "latent")
     kwargs.setdefault("num_inference_steps", 3)
+    if spec.get("callback"):
+        kwargs["callback_on_step_end"] = CALLBACKS[spec["callback"]]
     generator = torch.Generator().manual_seed(spec.get("seed", 0))
     try:
         out = f(**{**inputs, **kwargs}, generator=generator)

@@ -16,6 +16,8 @@ SCENARIOS = [
     # the DPM scheduler: old_pred_original_sample carried between steps, noise drawn from the call's generator
     dict(DPM, name="dynamic_dpm", call=dict(guidance_scale=6.0, use_dynamic_cfg=True, num_inference_steps=4)),
     dict(DPM, name="cfg_off_dpm", exact=True, call=dict(guidance_scale=1.0)),
+    dict(BASE, name="callback", callback="nudge", call=dict(
+        guidance_scale=6.0, use_dynamic_cfg=True, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])),
     dict(BASE, name="cfg_off", exact=True, call=dict(guidance_scale=1.0)),
     dict(BASE, name="batch2", inputs_kwargs=dict(batch=2), call=dict(guidance_scale=5.0, num_inference_steps=2)),
     dict(BASE, name="decoded_np", call=dict(guidance_scale=6.0, output_type="np", num_inference_steps=2)),

@@ -15,6 +15,8 @@ SCENARIOS = [
          call=dict(true_cfg_scale=3.0, guidance_scale=3.5)),
     # guidance-distilled request: no true CFG, one branch on every rank
     dict(BASE, name="distilled_only", pipeline_kwargs=dict(guidance_embeds=True), call=dict(guidance_scale=3.5)),
+    dict(BASE, name="callback", callback="nudge",
+         call=dict(true_cfg_scale=4.0, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])),
     dict(BASE, name="cfg_off", call=dict(true_cfg_scale=1.0)),
     dict(BASE, name="batch2", inputs_kwargs=dict(batch=2), call=dict(true_cfg_scale=2.5)),
     dict(BASE, name="decoded_np", call=dict(true_cfg_scale=4.0, output_type="np", num_inference_steps=2)),

@@ -17,6 +17,9 @@ SCENARIOS = [
     dict(BASE, name="slg", call=dict(guidance_scale=5.0, num_inference_steps=10, skip_layer_guidance_start=0.1,
                                      skip_layer_guidance_stop=0.5, **SLG)),
     dict(BASE, name="slg_defaults", call=dict(guidance_scale=4.0, num_inference_steps=6, skip_guidance_layers=[0, 1])),
+    # callbacks see (and may change) the batched cat([neg, pos]) embeds, as in the stock loop
+    dict(BASE, name="callback", callback="nudge", call=dict(
+        guidance_scale=5.0, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pooled_prompt_embeds"])),
     dict(BASE, name="cfg_off", exact=True, call=dict(guidance_scale=1.0)),
     dict(BASE, name="batch2", inputs_kwargs=dict(batch=2), call=dict(guidance_scale=3.0, **SLG,
                                                                      skip_layer_guidance_stop=0.9)),

@@ -6,6 +6,7 @@ from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .ltx import LTXAdapter
+from .ltx2 import LTX2Adapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import StableDiffusion3Adapter
 from .wan import WanAdapter
@@ -16,6 +17,7 @@ ADAPTERS = [
     StableDiffusion3Adapter,
     WanAdapter,
     LTXAdapter,
+    LTX2Adapter,
     CogVideoXAdapter,
     HunyuanVideoAdapter,
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -78,3 +79,37 @@ class StepScaledCFG(GuidancePolicy):
     def describe(self) -> str:
         lo, hi = min(self.scales, default=0.0), max(self.scales, default=0.0)
         return f"StepScaledCFG(scales in [{lo:g}, {hi:g}])"
+
+
+def branch_specs(policy: GuidancePolicy) -> dict[str, Any]:
+    """Every branch's declaration (input source, perturbation), by name."""
+    return {name: policy.branch(name) for name in policy.branches}
+
+
+def reads_negative(specs: dict[str, Any]) -> bool:
+    from ..guidance.base import NEGATIVE
+
+    return any(spec.source == NEGATIVE for spec in specs.values())
+
+
+@contextlib.contextmanager
+def branch_forward(transformer, name: str, spec, cache: bool = True, **cache_kwargs):
+    """The context one branch's forward runs in: its cache context and its perturbation (if any).
+
+    ``cache=False`` for pipelines whose stock loop opens no cache context (SD3's transformer has none).
+    Yields the extra forward keyword arguments the perturbation selects (e.g. SD3's ``skip_layers``).
+    """
+    from ..guidance.perturb import perturbed
+
+    extra = spec.perturbation.forward_kwargs() if spec.perturbation is not None else {}
+    context = transformer.cache_context(name, **cache_kwargs) if cache else contextlib.nullcontext()
+    with context, perturbed(transformer, spec.perturbation):
+        yield extra
+
+
+def check_policy_on(policy: GuidancePolicy, *transformers) -> None:
+    """Raise if ``policy`` cannot run on these transformers (a perturbation out of range, ...); no model runs."""
+    for transformer in transformers:
+        if transformer is not None:
+            policy.check_model(transformer)
+    policy.check_outputs(1)

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
-from ..guidance import GuidancePolicy, NoGuidance
+from ..guidance import CFG, DynamicCFG, GuidancePolicy, NoGuidance
+from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
 from ..schedulers import tensors_in
-from ._common import StepScaledCFG, callback_tensor_inputs, make_step_end, prompt_batch_size
+from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
+                      prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -98,11 +100,25 @@ class CogVideoXAdapter(Adapter):
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
         return a
 
+    def check_policy(self, policy: GuidancePolicy) -> None:
+        check_policy_on(policy, self.pipe.transformer)
+
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         guidance_scale = a["guidance_scale"]
         default_cfg = guidance_scale > 1.0
-        needs_negative = "uncond" in policy.branches if policy is not None else default_cfg
+        if policy is not None:
+            policy = copy.deepcopy(policy)
+        elif not default_cfg:
+            policy = NoGuidance()
+        elif a["use_dynamic_cfg"]:
+            # DynamicCFG's schedule is the pipeline's expression: 1 + w (1 - cos(pi ((N - t) / N) ** 5)) / 2
+            policy = DynamicCFG(guidance_scale)
+        else:
+            policy = CFG(guidance_scale)
+        self.check_policy(policy)
+        specs = branch_specs(policy)
+        needs_negative = reads_negative(specs)
         pipe._guidance_scale = guidance_scale
         pipe._attention_kwargs = a["attention_kwargs"]
         pipe._current_timestep = None
@@ -120,9 +136,10 @@ class CogVideoXAdapter(Adapter):
             max_sequence_length=a["max_sequence_length"],
             device=device,
         )
-        text = {"cond": embeds}
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
+        text = {PROMPT: embeds}
         if needs_negative:
-            text["uncond"] = neg_embeds
+            text[NEGATIVE] = neg_embeds
         embeds_dtype = embeds.dtype
 
         scheduler = self.private_scheduler()
@@ -149,21 +166,12 @@ class CogVideoXAdapter(Adapter):
             else None
         )
 
-        if a["use_dynamic_cfg"]:
-            scales = [
-                1 + guidance_scale * ((1 - math.cos(math.pi * ((n_steps - t.item()) / n_steps) ** 5.0)) / 2)
-                for t in timesteps
-            ]
-        else:
-            scales = [guidance_scale] * len(timesteps)
-        if policy is not None:
-            policy = copy.deepcopy(policy)
-        elif default_cfg:
-            policy = StepScaledCFG(scales)
-        else:
-            policy = NoGuidance()
-        if "uncond" in policy.branches and "uncond" not in text:
-            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
+        policy.set_timesteps([t.item() for t in timesteps])
+        # what stock stores on the pipeline as the step's scale (callbacks read it)
+        scales = [
+            1 + guidance_scale * ((1 - math.cos(math.pi * ((n_steps - t.item()) / n_steps) ** 5.0)) / 2)
+            for t in timesteps
+        ] if a["use_dynamic_cfg"] else None
 
         attention_kwargs = a["attention_kwargs"]
 
@@ -174,39 +182,41 @@ class CogVideoXAdapter(Adapter):
             timestep = t.expand(model_input.shape[0])
             preds = []
             for name in names:
-                with transformer.cache_context(name):
+                spec = specs[name]
+                with branch_forward(transformer, name, spec) as extra:
                     pred = transformer(
                         hidden_states=model_input,
-                        encoder_hidden_states=text[name],
+                        encoder_hidden_states=text[spec.source],
                         timestep=timestep,
                         image_rotary_emb=image_rotary_emb,
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
+                        **extra,
                     )[0]
                 preds.append(pred.float())
             return preds
 
         def on_step(i: int) -> None:
             # stock keeps the dynamic scale on the pipeline, where callbacks read it
-            if a["use_dynamic_cfg"]:
+            if scales is not None:
                 pipe._guidance_scale = scales[i]
 
         dpm = isinstance(scheduler, module.CogVideoXDPMScheduler)
         update = CogVideoXUpdate(scheduler, timesteps, extra_step_kwargs, dpm, embeds_dtype, on_step)
-        cfg_request = "uncond" in text
+        cfg_request = NEGATIVE in text
 
         def offered(x):
-            embeds = torch.cat([text["uncond"], text["cond"]], dim=0) if cfg_request else text["cond"]
-            return {"latents": x, "prompt_embeds": embeds, "negative_prompt_embeds": text.get("uncond")}
+            embeds = torch.cat([text[NEGATIVE], text[PROMPT]], dim=0) if cfg_request else text[PROMPT]
+            return {"latents": x, "prompt_embeds": embeds, "negative_prompt_embeds": text.get(NEGATIVE)}
 
         def apply(outputs):
             # stock feeds a changed (batched) prompt_embeds to its next batched forward: each branch takes its half
             if "prompt_embeds" in outputs:
                 value = outputs.pop("prompt_embeds")
                 if cfg_request:
-                    text["uncond"], text["cond"] = value.chunk(2)
+                    text[NEGATIVE], text[PROMPT] = value.chunk(2)
                 else:
-                    text["cond"] = value
+                    text[PROMPT] = value
 
         step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
                                  offered, apply)

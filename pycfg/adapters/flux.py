@@ -15,7 +15,9 @@ import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..runtime.job import Job
-from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from ..guidance.base import NEGATIVE, PROMPT
+from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
+                      prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -67,10 +69,15 @@ class FluxAdapter(Adapter):
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         return CFG(a["true_cfg_scale"]) if self._true_cfg(a) else NoGuidance()
 
+    def check_policy(self, policy: GuidancePolicy) -> None:
+        check_policy_on(policy, self.pipe.transformer)
+
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        needs_negative = "uncond" in policy.branches
+        self.check_policy(policy)
+        specs = branch_specs(policy)
+        needs_negative = reads_negative(specs)
         if needs_negative and not self._has_negative(a):
             raise ValueError(
                 f"guidance {policy.describe()} needs negative_prompt, or negative_prompt_embeds with "
@@ -94,9 +101,10 @@ class FluxAdapter(Adapter):
             prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_embeds=a["prompt_embeds"],
             pooled_prompt_embeds=a["pooled_prompt_embeds"], **encode,
         )
-        text = {"cond": [embeds, pooled, text_ids]}
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
+        text = {PROMPT: [embeds, pooled, text_ids]}
         if needs_negative:
-            text["uncond"] = list(pipe.encode_prompt(
+            text[NEGATIVE] = list(pipe.encode_prompt(
                 prompt=a["negative_prompt"], prompt_2=a["negative_prompt_2"],
                 prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
                 **encode,
@@ -144,10 +152,10 @@ class FluxAdapter(Adapter):
             pipe._joint_attention_kwargs = {}
         image_embeds = {}
         if ip_image is not None or ip_embeds is not None:
-            image_embeds["cond"] = pipe.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device,
+            image_embeds[PROMPT] = pipe.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device,
                                                                         batch_size * n_per)
         if needs_negative and (neg_ip_image is not None or neg_ip_embeds is not None):
-            image_embeds["uncond"] = pipe.prepare_ip_adapter_image_embeds(neg_ip_image, neg_ip_embeds, device,
+            image_embeds[NEGATIVE] = pipe.prepare_ip_adapter_image_embeds(neg_ip_image, neg_ip_embeds, device,
                                                                           batch_size * n_per)
         scheduler.set_begin_index(0)
 
@@ -158,10 +166,11 @@ class FluxAdapter(Adapter):
             attention_kwargs = pipe._joint_attention_kwargs
             preds = []
             for name in names:
-                if name in image_embeds:
-                    attention_kwargs["ip_adapter_image_embeds"] = image_embeds[name]
-                prompt_embeds, pooled_embeds, ids = text[name]
-                with transformer.cache_context(name):
+                spec = specs[name]
+                if spec.source in image_embeds:
+                    attention_kwargs["ip_adapter_image_embeds"] = image_embeds[spec.source]
+                prompt_embeds, pooled_embeds, ids = text[spec.source]
+                with branch_forward(transformer, name, spec) as extra:
                     preds.append(transformer(
                         hidden_states=x,
                         timestep=timestep / 1000,
@@ -172,6 +181,7 @@ class FluxAdapter(Adapter):
                         img_ids=latent_image_ids,
                         joint_attention_kwargs=attention_kwargs,
                         return_dict=False,
+                        **extra,
                     )[0])
             return preds
 
@@ -179,11 +189,11 @@ class FluxAdapter(Adapter):
 
         def apply(outputs):
             if "prompt_embeds" in outputs:
-                text["cond"][0] = outputs.pop("prompt_embeds")
+                text[PROMPT][0] = outputs.pop("prompt_embeds")
 
         step_end = make_step_end(
             pipe, callback, callback_tensor_inputs(callback, a["callback_on_step_end_tensor_inputs"]), timesteps,
-            lambda x: {"latents": x, "prompt_embeds": text["cond"][0]}, apply,
+            lambda x: {"latents": x, "prompt_embeds": text[PROMPT][0]}, apply,
         )
         output_type, return_dict = a["output_type"], a["return_dict"]
 
@@ -202,7 +212,8 @@ class FluxAdapter(Adapter):
                 return (image,)
             return module.FluxPipelineOutput(images=image)
 
-        stepper = self.make_update(scheduler, timesteps)
+        policy.set_timesteps([t.item() for t in timesteps])
+        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return Job(
             latents=latents,
             num_steps=len(timesteps),

@@ -15,7 +15,9 @@ import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..runtime.job import Job
-from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from ..guidance.base import NEGATIVE, PROMPT
+from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
+                      prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -54,10 +56,15 @@ class HunyuanVideoAdapter(Adapter):
             return CFG(a["true_cfg_scale"])
         return NoGuidance()
 
+    def check_policy(self, policy: GuidancePolicy) -> None:
+        check_policy_on(policy, self.pipe.transformer)
+
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        needs_negative = "uncond" in policy.branches
+        self.check_policy(policy)
+        specs = branch_specs(policy)
+        needs_negative = reads_negative(specs)
         if needs_negative and not self._has_negative(a):
             raise ValueError(
                 f"guidance {policy.describe()} needs negative_prompt, or negative_prompt_embeds with "
@@ -81,10 +88,11 @@ class HunyuanVideoAdapter(Adapter):
                                                       **encode)
             return [embeds.to(transformer_dtype), mask.to(transformer_dtype), pooled.to(transformer_dtype)]
 
-        text = {"cond": encoded(a["prompt"], a["prompt_2"], a["prompt_embeds"], a["pooled_prompt_embeds"],
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
+        text = {PROMPT: encoded(a["prompt"], a["prompt_2"], a["prompt_embeds"], a["pooled_prompt_embeds"],
                                 a["prompt_attention_mask"])}
         if needs_negative:
-            text["uncond"] = encoded(a["negative_prompt"], a["negative_prompt_2"], a["negative_prompt_embeds"],
+            text[NEGATIVE] = encoded(a["negative_prompt"], a["negative_prompt_2"], a["negative_prompt_embeds"],
                                      a["negative_pooled_prompt_embeds"], a["negative_prompt_attention_mask"])
 
         n_steps = a["num_inference_steps"]
@@ -111,8 +119,9 @@ class HunyuanVideoAdapter(Adapter):
             timestep = t.expand(x.shape[0]).to(x.dtype)
             preds = []
             for name in names:
-                embeds, mask, pooled = text[name]
-                with transformer.cache_context(name):
+                spec = specs[name]
+                embeds, mask, pooled = text[spec.source]
+                with branch_forward(transformer, name, spec) as extra:
                     preds.append(transformer(
                         hidden_states=model_input,
                         timestep=timestep,
@@ -122,15 +131,16 @@ class HunyuanVideoAdapter(Adapter):
                         guidance=guidance,
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
+                        **extra,
                     )[0])
             return preds
 
         def apply(outputs):
             if "prompt_embeds" in outputs:
-                text["cond"][0] = outputs.pop("prompt_embeds")
+                text[PROMPT][0] = outputs.pop("prompt_embeds")
 
         step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
-                                 lambda x: {"latents": x, "prompt_embeds": text["cond"][0]}, apply)
+                                 lambda x: {"latents": x, "prompt_embeds": text[PROMPT][0]}, apply)
         output_type, return_dict = a["output_type"], a["return_dict"]
 
         def finish(x: torch.Tensor):
@@ -146,7 +156,8 @@ class HunyuanVideoAdapter(Adapter):
                 return (video,)
             return module.HunyuanVideoPipelineOutput(frames=video)
 
-        stepper = self.make_update(scheduler, timesteps)
+        policy.set_timesteps([t.item() for t in timesteps])
+        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return Job(
             latents=latents,
             num_steps=len(timesteps),

@@ -17,7 +17,9 @@ import torch
 from ..guidance import GuidancePolicy, NoGuidance
 from ..guidance.base import Prediction, weighted_sum_fp32
 from ..runtime.job import Job
-from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from ..guidance.base import NEGATIVE, PROMPT
+from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
+                      prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -94,6 +96,9 @@ class LTXAdapter(Adapter):
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
         return a
 
+    def check_policy(self, policy: GuidancePolicy) -> None:
+        check_policy_on(policy, self.pipe.transformer)
+
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         guidance_scale, guidance_rescale = a["guidance_scale"], a["guidance_rescale"]
@@ -103,7 +108,9 @@ class LTXAdapter(Adapter):
             policy = LTXGuidance(guidance_scale, guidance_rescale, module.rescale_noise_cfg)
         else:
             policy = NoGuidance()
-        needs_negative = "uncond" in policy.branches
+        self.check_policy(policy)
+        specs = branch_specs(policy)
+        needs_negative = reads_negative(specs)
 
         pipe._guidance_scale = guidance_scale
         pipe._guidance_rescale = guidance_rescale
@@ -125,9 +132,10 @@ class LTXAdapter(Adapter):
             max_sequence_length=a["max_sequence_length"],
             device=device,
         )
-        text = {"cond": [embeds, mask]}
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
+        text = {PROMPT: [embeds, mask]}
         if needs_negative:
-            text["uncond"] = [neg_embeds, neg_mask]
+            text[NEGATIVE] = [neg_embeds, neg_mask]
 
         height, width, num_frames = a["height"], a["width"], a["num_frames"]
         transformer = pipe.transformer
@@ -166,8 +174,9 @@ class LTXAdapter(Adapter):
             timestep = t.expand(x.shape[0])
             preds = []
             for name in names:
-                prompt_embeds, prompt_mask = text[name]
-                with transformer.cache_context(name):
+                spec = specs[name]
+                prompt_embeds, prompt_mask = text[spec.source]
+                with branch_forward(transformer, name, spec) as extra:
                     pred = transformer(
                         hidden_states=x.to(prompt_embeds.dtype),
                         encoder_hidden_states=prompt_embeds,
@@ -179,26 +188,27 @@ class LTXAdapter(Adapter):
                         rope_interpolation_scale=rope_interpolation_scale,
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
+                        **extra,
                     )[0]
                 preds.append(pred.float())
             return preds
 
-        cfg_request = "uncond" in text
+        cfg_request = NEGATIVE in text
 
         def offered(x):
             # the stock loop's locals: with CFG, prompt embeds are the batched cat([neg, pos])
-            embeds = text["cond"][0]
+            embeds = text[PROMPT][0]
             if cfg_request:
-                embeds = torch.cat([text["uncond"][0], embeds], dim=0)
+                embeds = torch.cat([text[NEGATIVE][0], embeds], dim=0)
             return {"latents": x, "prompt_embeds": embeds}
 
         def apply(outputs):
             if "prompt_embeds" in outputs:
                 value = outputs.pop("prompt_embeds")
                 if cfg_request:
-                    text["uncond"][0], text["cond"][0] = value.chunk(2)
+                    text[NEGATIVE][0], text[PROMPT][0] = value.chunk(2)
                 else:
-                    text["cond"][0] = value
+                    text[PROMPT][0] = value
 
         step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
                                  offered, apply)
@@ -214,7 +224,7 @@ class LTXAdapter(Adapter):
                 x = pipe._unpack_latents(x, latent_num_frames, latent_height, latent_width,
                                          pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
                 x = pipe._denormalize_latents(x, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
-                x = x.to(text["cond"][0].dtype)
+                x = x.to(text[PROMPT][0].dtype)
                 if not vae.config.timestep_conditioning:
                     timestep = None
                 else:
@@ -238,7 +248,8 @@ class LTXAdapter(Adapter):
                 return (video,)
             return module.LTXPipelineOutput(frames=video)
 
-        stepper = self.make_update(scheduler, timesteps)
+        policy.set_timesteps([t.item() for t in timesteps])
+        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return Job(
             latents=latents,
             num_steps=len(timesteps),

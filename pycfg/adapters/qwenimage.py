@@ -22,6 +22,11 @@ from .base import Adapter, own_tensor
 
 class QwenImageAdapter(Adapter):
     pipeline_classes = ("QwenImagePipeline",)
+    #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device
+    graph_step_index = True
+    #: pad text inputs to a multiple of this many tokens (zeros, masked out): fewer compiled shapes, and
+    #: cond/uncond of different lengths can share one batched forward. None: exact lengths (stock behaviour).
+    text_bucket: int | None = None
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Bind and validate with the pipeline's own ``check_inputs``; no model runs here."""
@@ -150,7 +155,9 @@ class QwenImageAdapter(Adapter):
         attention_kwargs = pipe._attention_kwargs
         scheduler.set_begin_index(0)
         policy.set_timesteps([t.item() for t in timesteps])
-        batch_branches = bool(getattr(self, "batch_branches", False))
+        bucket = getattr(self, "text_bucket", None)
+        if bucket:
+            branch_text = {k: _pad_text(e, m, bucket) for k, (e, m) in branch_text.items()}
 
         def run(names: tuple[str, ...], x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
             """One transformer forward for ``names`` (one branch, or same-shape branches stacked on batch)."""
@@ -187,9 +194,12 @@ class QwenImageAdapter(Adapter):
             return (spec.perturbation, tuple(embeds.shape), mask is None)
 
         def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
+            # a tensor step index (CUDA graph replays) selects on device: no host value is baked in
+            t = timesteps[i] if isinstance(i, int) else timesteps.index_select(0, i)[0]
             pipe._current_timestep = t
             groups: list[list[str]] = []
+            # read per call: batch_branches="auto" is decided by measurement after prepare()
+            batch_branches = getattr(self, "batch_branches", False) is True
             for name in names:
                 fits = [g for g in groups if batch_branches and batch_key(g[0]) == batch_key(name)]
                 if fits:
@@ -246,8 +256,27 @@ class QwenImageAdapter(Adapter):
             prediction_spec=[(tuple(latents.shape), transformer.dtype)],
             device=latents.device,
             finish=finish,
-            step_end=step_end,
+            # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
+            step_end=step_end if callback is not None else None,
             interrupted=lambda: pipe._interrupt,
             progress=self.progress,
             state_tensors=stepper.state_tensors,
         )
+
+
+def _pad_text(embeds: torch.Tensor, mask: torch.Tensor | None, bucket: int):
+    """Zero-pad the text to a multiple of ``bucket`` tokens with the padding masked out.
+
+    The transformer builds its joint attention mask from ``encoder_hidden_states_mask`` and gives text tokens
+    RoPE positions by index, so real tokens keep their positions and no image token attends to padding.
+    """
+    length = embeds.shape[1]
+    target = -(-length // bucket) * bucket
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    if target == length:
+        return embeds, mask
+    pad = target - length
+    embeds = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, *embeds.shape[2:])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
+    return embeds, mask

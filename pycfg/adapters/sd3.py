@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from ..guidance import GuidancePolicy, NoGuidance
-from ..guidance.base import Prediction, weighted_sum_fp32
+from ..guidance.base import COND, NEGATIVE, PROMPT, UNCOND, Branch, Prediction, weighted_sum_fp32
+from ..guidance.perturb import ForwardKwargs
 from ..runtime.job import Job
-from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
+                      prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -46,6 +48,13 @@ class SD3Guidance(GuidancePolicy):
         super().reset(num_steps)
         if self.num_inference_steps is None:
             self.num_inference_steps = num_steps
+
+    def branch_specs(self) -> dict[str, Branch]:
+        specs = {"cond": COND, "uncond": UNCOND}
+        if self.skip_layers is not None:
+            # SD3Transformer2DModel skips these blocks itself when given skip_layers= in its forward
+            specs["skip"] = Branch("skip", PROMPT, ForwardKwargs.of(skip_layers=self.skip_layers))
+        return specs
 
     def skipping(self, i: int) -> bool:
         n = self.num_inference_steps
@@ -112,10 +121,13 @@ class StableDiffusion3Adapter(Adapter):
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
         return a
 
+    def check_policy(self, policy: GuidancePolicy) -> None:
+        check_policy_on(policy, self.pipe.transformer)
+
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         default_cfg = a["guidance_scale"] > 1
-        needs_negative = "uncond" in policy.branches if policy is not None else default_cfg
+        needs_negative = reads_negative(branch_specs(policy)) if policy is not None else default_cfg
 
         pipe._guidance_scale = a["guidance_scale"]
         pipe._skip_layer_guidance_scale = a["skip_layer_guidance_scale"]
@@ -146,10 +158,10 @@ class StableDiffusion3Adapter(Adapter):
             max_sequence_length=a["max_sequence_length"],
             lora_scale=lora_scale,
         )
-        # the skip branch runs on the cond text, as stock's original_prompt_embeds
-        text = {"cond": [embeds, pooled], "skip": [embeds, pooled]}
-        if needs_negative:
-            text["uncond"] = [neg_embeds, neg_pooled]
+        # text inputs by source; perturbed branches read the prompt as encoded, as stock's skip-layer forward
+        # reads original_prompt_embeds, which a callback's update does not reach
+        text = {PROMPT: [embeds, pooled], NEGATIVE: [neg_embeds, neg_pooled]}
+        original = (embeds, pooled)
 
         latents = pipe.prepare_latents(
             batch_size * n_per, pipe.transformer.config.in_channels, a["height"], a["width"], embeds.dtype, device,
@@ -185,11 +197,10 @@ class StableDiffusion3Adapter(Adapter):
                                  a["skip_layer_guidance_start"], a["skip_layer_guidance_stop"], n_steps)
         else:
             policy = NoGuidance()
-        if "uncond" in policy.branches and "uncond" not in text:
+        self.check_policy(policy)
+        specs = branch_specs(policy)
+        if reads_negative(specs) and not needs_negative:
             raise ValueError(f"guidance {policy.describe()} needs a negative prompt or negative embeds")
-        skip_layers = a["skip_guidance_layers"]
-        if "skip" in policy.branches and skip_layers is None:
-            raise ValueError(f"guidance {policy.describe()} needs skip_guidance_layers")
 
         transformer = pipe.transformer
 
@@ -198,27 +209,28 @@ class StableDiffusion3Adapter(Adapter):
             timestep = t.expand(x.shape[0])
             preds = []
             for name in names:
-                prompt_embeds, pooled_embeds = text[name]
-                extra = {"skip_layers": skip_layers} if name == "skip" else {}
-                preds.append(transformer(
-                    hidden_states=x,
-                    timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
-                    pooled_projections=pooled_embeds,
-                    joint_attention_kwargs=pipe._joint_attention_kwargs,
-                    return_dict=False,
-                    **extra,
-                )[0])
+                spec = specs[name]
+                prompt_embeds, pooled_embeds = original if spec.perturbation is not None else text[spec.source]
+                with branch_forward(transformer, name, spec, cache=False) as extra:
+                    preds.append(transformer(
+                        hidden_states=x,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds,
+                        pooled_projections=pooled_embeds,
+                        joint_attention_kwargs=pipe._joint_attention_kwargs,
+                        return_dict=False,
+                        **extra,
+                    )[0])
             return preds
 
-        cfg_request = "uncond" in text
+        cfg_request = needs_negative
 
         def offered(x):
             # the stock loop's locals: with CFG, prompt embeds are the batched cat([neg, pos])
-            values = {"latents": x, "prompt_embeds": text["cond"][0], "pooled_prompt_embeds": text["cond"][1]}
+            values = {"latents": x, "prompt_embeds": text[PROMPT][0], "pooled_prompt_embeds": text[PROMPT][1]}
             if cfg_request:
-                values["prompt_embeds"] = torch.cat([text["uncond"][0], text["cond"][0]], dim=0)
-                values["pooled_prompt_embeds"] = torch.cat([text["uncond"][1], text["cond"][1]], dim=0)
+                values["prompt_embeds"] = torch.cat([text[NEGATIVE][0], text[PROMPT][0]], dim=0)
+                values["pooled_prompt_embeds"] = torch.cat([text[NEGATIVE][1], text[PROMPT][1]], dim=0)
             return values
 
         def apply(outputs):
@@ -226,9 +238,9 @@ class StableDiffusion3Adapter(Adapter):
                 if key in outputs:
                     value = outputs.pop(key)
                     if cfg_request:
-                        text["uncond"][j], text["cond"][j] = value.chunk(2)
+                        text[NEGATIVE][j], text[PROMPT][j] = value.chunk(2)
                     else:
-                        text["cond"][j] = value
+                        text[PROMPT][j] = value
 
         step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
                                  offered, apply)
@@ -246,7 +258,8 @@ class StableDiffusion3Adapter(Adapter):
                 return (image,)
             return module.StableDiffusion3PipelineOutput(images=image)
 
-        stepper = self.make_update(scheduler, timesteps)
+        policy.set_timesteps([t.item() for t in timesteps])
+        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return Job(
             latents=latents,
             num_steps=len(timesteps),

@@ -15,7 +15,9 @@ import torch
 
 from ..guidance import GuidancePolicy, NoGuidance
 from ..runtime.job import Job
-from ._common import StepScaledCFG, callback_tensor_inputs, make_step_end, prompt_batch_size
+from ..guidance.base import NEGATIVE, PROMPT
+from ._common import (StepScaledCFG, branch_forward, branch_specs, callback_tensor_inputs, check_policy_on,
+                      make_step_end, prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -43,6 +45,9 @@ class WanAdapter(Adapter):
         if a["output_type"] not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
         return a
+
+    def check_policy(self, policy: GuidancePolicy) -> None:
+        check_policy_on(policy, *self._experts())
 
     def _experts(self):
         pipe = self.pipe
@@ -85,7 +90,7 @@ class WanAdapter(Adapter):
 
         # the stock loop: CFG iff guidance_scale > 1 (the property), whatever guidance_scale_2 is
         default_cfg = guidance_scale > 1.0
-        needs_negative = "uncond" in policy.branches if policy is not None else default_cfg
+        needs_negative = reads_negative(branch_specs(policy)) if policy is not None else default_cfg
 
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
@@ -99,9 +104,10 @@ class WanAdapter(Adapter):
             device=device,
         )
         transformer_dtype = transformer.dtype if transformer is not None else transformer_2.dtype
-        text = {"cond": prompt_embeds.to(transformer_dtype)}
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
+        text = {PROMPT: prompt_embeds.to(transformer_dtype)}
         if negative_prompt_embeds is not None:
-            text["uncond"] = negative_prompt_embeds.to(transformer_dtype)
+            text[NEGATIVE] = negative_prompt_embeds.to(transformer_dtype)
 
         scheduler = self.private_scheduler()
         scheduler.set_timesteps(a["num_inference_steps"], device=device)
@@ -131,7 +137,9 @@ class WanAdapter(Adapter):
             policy = StepScaledCFG([guidance_scale if first else guidance_scale_2 for first in first_expert])
         else:
             policy = NoGuidance()
-        if "uncond" in policy.branches and "uncond" not in text:
+        self.check_policy(policy)
+        specs = branch_specs(policy)
+        if reads_negative(specs) and NEGATIVE not in text:
             raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
 
         attention_kwargs = a["attention_kwargs"]
@@ -146,28 +154,31 @@ class WanAdapter(Adapter):
                 timestep = temp_ts.unsqueeze(0).expand(x.shape[0], -1)
             else:
                 timestep = t.expand(x.shape[0])
-            cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
+            cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]),
+                            "num_inference_steps": len(timesteps)}
             preds = []
             for name in names:
-                with model.cache_context(name, **cache_kwargs):
+                spec = specs[name]
+                with branch_forward(model, name, spec, **cache_kwargs) as extra:
                     preds.append(model(
                         hidden_states=model_input,
                         timestep=timestep,
-                        encoder_hidden_states=text[name],
+                        encoder_hidden_states=text[spec.source],
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
+                        **extra,
                     )[0])
             return preds
 
         def apply(outputs):
             if "prompt_embeds" in outputs:
-                text["cond"] = outputs.pop("prompt_embeds")
+                text[PROMPT] = outputs.pop("prompt_embeds")
             if "negative_prompt_embeds" in outputs:
-                text["uncond"] = outputs.pop("negative_prompt_embeds")
+                text[NEGATIVE] = outputs.pop("negative_prompt_embeds")
 
         step_end = make_step_end(
             pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
-            lambda x: {"latents": x, "prompt_embeds": text["cond"], "negative_prompt_embeds": text.get("uncond")},
+            lambda x: {"latents": x, "prompt_embeds": text[PROMPT], "negative_prompt_embeds": text.get(NEGATIVE)},
             apply,
         )
         output_type, return_dict = a["output_type"], a["return_dict"]
@@ -192,7 +203,8 @@ class WanAdapter(Adapter):
                 return (video,)
             return module.WanPipelineOutput(frames=video)
 
-        stepper = self.make_update(scheduler, timesteps)
+        policy.set_timesteps([t.item() for t in timesteps])
+        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         model = transformer if transformer is not None else transformer_2
         return Job(
             latents=latents,

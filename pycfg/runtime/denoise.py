@@ -82,8 +82,17 @@ class Exchange:
         return policy.reduce_finish(summed, i, like)
 
 
-def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool = False) -> tuple[Any, list[float]]:
-    """Run the loop on this rank; returns the final latents and the wall time of each step (seconds)."""
+def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool = False,
+            step_graphs=None) -> tuple[Any, list[float]]:
+    """Run the loop on this rank; returns the final latents and the wall time of each step (seconds).
+
+    ``step_graphs`` (a :class:`pycfg.runtime.graphs.StepGraphs`) runs whole steps as CUDA graphs where the job
+    allows it; otherwise, and always with ``check_consistency``, the eager loop below runs.
+    """
+    if step_graphs is not None and not check_consistency:
+        done = step_graphs.denoise(job, comm, exchange=exchange)
+        if done is not None:
+            return done
     policy = job.policy
     policy.reset(job.num_steps)
     size, rank = comm.size, comm.rank
