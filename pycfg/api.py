@@ -150,7 +150,9 @@ def _shape_key(args: dict[str, Any], guidance, size: int) -> tuple:
     for name, value in sorted(args.items()):
         if isinstance(value, torch.Tensor):
             parts.append((name, tuple(value.shape), str(value.dtype)))
-        elif isinstance(value, (int, str, bool, type(None))) and name not in ("num_inference_steps",):
+        elif name in ("num_inference_steps", "generator"):
+            continue  # neither changes a step's shapes
+        elif isinstance(value, (int, str, bool, type(None))):
             # floats (scales) change no shape: a new guidance scale reuses the compiled code and the choice
             parts.append((name, value))
         elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

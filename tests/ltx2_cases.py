@@ -11,10 +11,7 @@ import torch
 
 import pycfg
 
-try:
-    from pycfg.tiny import ltx2_inputs, ltx2_pipeline
-except ImportError:  # DEV ONLY
-    from tinyltx2 import ltx2_inputs, ltx2_pipeline
+from pycfg.tiny import ltx2_inputs, ltx2_pipeline
 
 STEPS = 3
 STG_BLOCKS = [1]
@@ -38,6 +35,15 @@ SCENARIOS = {
                    modality_scale=2.0, audio_modality_scale=3.0, guidance_rescale=0.7, audio_guidance_rescale=0.3,
                    spatio_temporal_guidance_blocks=STG_BLOCKS),
 }
+
+
+def user_policy():
+    """A caller's own policy: CFG plus a branch with a whole block skipped (pycfg's perturbation, not the model's
+    STG argument), per-output scales."""
+    from pycfg.guidance import Branch, MultiBranch, SkipBlocks, Term
+
+    return MultiBranch([Branch("cond"), Branch("uncond", "negative"), Branch("skip", "prompt", SkipBlocks([1]))],
+                       [Term("uncond", (2.0, 4.0)), Term("skip", (1.0, 0.5))], rescale=(0.5, 0.0))
 
 
 def nudge(pipe, i, t, tensors: dict) -> dict:
@@ -78,6 +84,7 @@ def world(rank: int, world: int, decoded: bool = False, reduce: bool = False) ->
     out["plans"] = {name: adapter.default_policy(adapter.check({**ltx2_inputs(), **SCENARIOS[name]})).branches
                     for name in SCENARIOS}
     out["callback"] = call(fast, "four", callback_on_step_end=nudge)
+    out["user_policy"] = measured(fast, counter, "two", guidance=user_policy())
     if reduce:
         fused = pycfg.compile(pipe, cfg_parallel_size=world, exchange="reduce", check_consistency=True)
         for name in ("four", "two"):

@@ -49,6 +49,12 @@ def raise_callback(rank: str, pipe, i, t, kwargs):
     return {}
 
 
+def failing_factory():
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("no weights on this rank")
+    return qwenimage_pipeline()
+
+
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
@@ -200,7 +206,7 @@ def test_rejections_are_counted_and_checked_in_the_driver(engine):
     pids = engine.worker_pids
     before = engine.describe()["requests"]
     with pytest.raises(ValueError):
-        engine.generate(**request(0), num_inference_steps=0)
+        engine.generate(**{**request(0), "num_inference_steps": 0})
     with pytest.raises(TypeError):
         engine.generate(**request(0), not_an_argument=True)
     after = engine.describe()["requests"]
@@ -211,7 +217,7 @@ def test_rejections_are_counted_and_checked_in_the_driver(engine):
 def test_worker_killed_mid_request_fails_it_then_restart_recovers(engine, stock, tmp_path):
     marker = tmp_path / "started"
     victim = engine.worker_pids[1]
-    future = engine.submit(**request(0), num_inference_steps=8,
+    future = engine.submit(**{**request(0), "num_inference_steps": 8},
                            callback_on_step_end=functools.partial(slow_callback, str(marker)))
     deadline = time.monotonic() + 30
     while not marker.exists():
@@ -250,15 +256,46 @@ def test_worker_raising_fails_request_with_its_error(engine, stock):
 def test_worker_exiting_with_auto_restart(engine, stock):
     engine.auto_restart = True
     try:
-        old = engine.worker_pids
+        old, restarts = engine.worker_pids, engine.describe()["restarts"]
         with pytest.raises(pycfg.WorkerFailureError, match=r"rank 0 .*exited with code 7"):
             engine.generate(**request(0), callback_on_step_end=functools.partial(exit_callback, "0"))
         # the next request waits for the automatic restart, then runs
         assert same(run(engine, 6), reference(stock, 6))
         assert engine.healthy and set(engine.worker_pids).isdisjoint(old)
-        assert engine.describe()["restarts"] >= 3
+        assert engine.describe()["restarts"] == restarts + 1
     finally:
         engine.auto_restart = False
+
+
+def test_startup_failure_raises_the_workers_error():
+    started = time.monotonic()
+    with pytest.raises(pycfg.WorkerFailureError, match="rank 1 failed to start.*no weights on this rank"):
+        pycfg.Engine(failing_factory, cfg_parallel_size=2, timeout=TIMEOUT)
+    assert time.monotonic() - started < 120
+
+
+def test_unpicklable_factory_and_bad_options_are_refused_before_starting():
+    with pytest.raises(TypeError, match="picklable"):
+        pycfg.Engine(lambda: qwenimage_pipeline(), cfg_parallel_size=2)
+    with pytest.raises(TypeError, match="unknown compile option"):
+        pycfg.Engine(qwenimage_pipeline, cfg_parallel_size=2, not_an_option=True)
+    with pytest.raises(ValueError, match="devices"):
+        pycfg.Engine(qwenimage_pipeline, cfg_parallel_size=2, devices=["cpu"])
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    size = 2 if torch.cuda.device_count() >= 2 else 1
+    with pycfg.Engine(functools.partial(qwenimage_pipeline, "tiny"), cfg_parallel_size=size,
+                      timeout=TIMEOUT) as eng:
+        assert eng.describe()["devices"] == [f"cuda:{i}" for i in range(size)]
+        out = eng.generate(**request(0), generator=torch.Generator().manual_seed(0)).images
+    assert out.device.type == "cpu"
+    pipe = qwenimage_pipeline().to("cuda:0")
+    ref = pipe(**request(0), generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(out, ref.cpu())
 
 
 def test_close(engine):

@@ -16,10 +16,7 @@ from pycfg.parallel.dispatch import dispatch_branches
 import ltx2_cases as cases
 from ltx2_cases import SCENARIOS, STEPS
 
-try:
-    from pycfg.tiny import ltx2_inputs, ltx2_pipeline
-except ImportError:  # DEV ONLY
-    from tinyltx2 import ltx2_inputs, ltx2_pipeline
+from pycfg.tiny import ltx2_inputs, ltx2_pipeline
 
 SIZES = (2, 3, 4)
 
@@ -42,6 +39,7 @@ def p1():
     out["decoded_stock"] = cases.call(pipe, "four", output_type="pt")
     out["callback"] = cases.call(fast, "four", callback_on_step_end=cases.nudge)
     out["callback_stock"] = cases.call(pipe, "four", callback_on_step_end=cases.nudge)
+    out["user_policy"] = cases.measured(fast, counter, "two", guidance=cases.user_policy())
     batched = pycfg.compile(pipe, batch_branches=True)
     out["batched"] = cases.measured(batched, counter, "four")
     return out
@@ -170,3 +168,22 @@ def test_stg_without_blocks_is_rejected_by_the_pipeline_check():
     fast = pycfg.compile(ltx2_pipeline())
     with pytest.raises(ValueError, match="no STG blocks"):
         fast(**ltx2_inputs(), stg_scale=1.0, spatio_temporal_guidance_blocks=None, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_caller_policy_with_block_skipping(p1, worlds, size):
+    want = p1["user_policy"]
+    assert want["forwards"] == STEPS * 3
+    assert rel(want["video"], p1[("pycfg", "two")]["video"]) > 1e-3
+    for rank, res in enumerate(worlds[size]):
+        got = res["user_policy"]
+        assert torch.equal(got["video"], want["video"]) and torch.equal(got["audio"], want["audio"]), f"rank {rank}"
+        assert got["collectives"] == STEPS
+
+
+def test_policy_with_wrong_output_count_is_rejected_at_compile():
+    from pycfg.guidance import Branch, MultiBranch, Term
+
+    policy = MultiBranch([Branch("cond"), Branch("uncond", "negative")], [Term("uncond", (2.0, 4.0, 1.0))])
+    with pytest.raises(ValueError, match="3 entries but the model predicts 2"):
+        pycfg.compile(ltx2_pipeline(), guidance=policy)
