@@ -47,5 +47,8 @@ step bench_kernels "$PYTHON" benchmarks/bench_kernels.py --out "$OUTDIR"
 step graphs_tests "$PYTHON" -m pytest -q -rs tests/test_graphs_gpu.py
 step bench_pipeline_gpu "$PYTHON" benchmarks/bench_pipeline.py ${PYCFG_BENCH_MODEL_ARGS:---model qwen-image --height 1024 --width 1024 --steps 6} \
   --out "$OUTDIR/bench_pipeline_gpu"
+# batched CFG matters most where one forward does not fill the GPU: the same model at 512x512
+step bench_pipeline_gpu_512 "$PYTHON" benchmarks/bench_pipeline.py --model qwen-image --height 512 --width 512 \
+  --steps 6 --out "$OUTDIR/bench_pipeline_gpu_512"
 
 exit $failed

@@ -165,15 +165,17 @@ def _signature_info(pipe) -> list[tuple[str, str, bool]]:
 
 
 def _map_location(device: torch.device):
+    # a server's driver holds CPU tensors; the worker's pipeline wants them on its own device (the stock
+    # pipelines do not move caller-provided embeds). Generator states are moved back by _rebuild_generators.
     if device.type == "cuda":
-        return lambda storage, loc: storage.cuda(device.index or 0) if loc.startswith("cuda") else storage
+        return lambda storage, loc: storage.cuda(device.index or 0)
     return "cpu"
 
 
 def _rebuild_generators(value: Any, device: torch.device) -> Any:
     if isinstance(value, GeneratorState):
         g = torch.Generator(device=device if value.device_type == device.type else value.device_type)
-        g.set_state(value.state)
+        g.set_state(value.state.cpu())  # set_state takes a CPU byte tensor on every device
         return g
     if isinstance(value, list):
         return [_rebuild_generators(v, device) for v in value]
@@ -207,6 +209,14 @@ def _worker_main(rank: int, world: int, addr: str, port: int, device: str, threa
     )
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        # tqdm's default lock is a multiprocessing semaphore; a worker the engine kills on purpose would leave it
+        # to the resource tracker, which warns at exit. Progress bars here never span processes.
+        from tqdm.auto import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:
+        pass
     import torch.distributed as dist
 
     from .api import compile as pycfg_compile
@@ -818,7 +828,7 @@ class Engine:
 
     def _fail(self, error: WorkerFailureError) -> None:
         """The world is broken: its survivors would wait in a collective, so tear it down; maybe restart."""
-        logger.error("pycfg engine: %s", error)
+        (logger.info if self._closing else logger.error)("pycfg engine: %s", error)
         with self._lock:
             self._state = "unhealthy"
             self._last_error = str(error)

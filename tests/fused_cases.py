@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import os
 
-# the kernel runs in Triton's interpreter on CPU; set before anything imports pycfg's kernels
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import torch  # noqa: E402
+
+# the kernel runs in Triton's interpreter on CPU, chosen before anything imports triton; on a CUDA machine this
+# module is also imported by the GPU test process, whose kernels must compile
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pycfg  # noqa: E402
 from pycfg.tiny import qwenimage_inputs, qwenimage_pipeline  # noqa: E402

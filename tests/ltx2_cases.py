@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 import pycfg
-
 from pycfg.tiny import ltx2_inputs, ltx2_pipeline
 
 STEPS = 3

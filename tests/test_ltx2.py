@@ -12,11 +12,10 @@ import torch
 import pycfg
 from pycfg._launch import run_world
 from pycfg.parallel.dispatch import dispatch_branches
+from pycfg.tiny import ltx2_inputs, ltx2_pipeline
 
 import ltx2_cases as cases
 from ltx2_cases import SCENARIOS, STEPS
-
-from pycfg.tiny import ltx2_inputs, ltx2_pipeline
 
 SIZES = (2, 3, 4)
 
@@ -109,11 +108,11 @@ def test_each_rank_runs_only_its_branches(p1, worlds, size, name):
         assert res[("gather", name)]["forwards"] == STEPS * len(plan[rank]), f"rank {rank}"
 
 
-def test_idle_ranks_run_no_forward():
-    # the plain CFG request on four ranks: two ranks hold no branch and must not run a dummy forward
-    assert dispatch_branches(("cond", "uncond"), 4)[2:] == ((), ())
-    # at three ranks with four branches, rank 0 runs two
-    assert dispatch_branches(("cond", "uncond", "stg", "modality"), 3)[0] == ("cond", "modality")
+def test_idle_ranks_run_no_forward(worlds):
+    # STG and modality guidance off on four ranks: two ranks hold no branch and run no (dummy) forward
+    assert [res[("gather", "two")]["forwards"] for res in worlds[4]] == [STEPS, STEPS, 0, 0]
+    # four branches on three ranks: rank 0 runs cond and modality isolation
+    assert [res[("gather", "four")]["forwards"] for res in worlds[3]] == [2 * STEPS, STEPS, STEPS]
 
 
 @pytest.mark.parametrize("size", (2, 4))

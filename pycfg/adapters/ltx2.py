@@ -1,18 +1,19 @@
 """LTX2Pipeline (text to video + audio): two outputs per forward and up to four guidance branches per step.
 
-The stock loop runs cond and uncond as one batch, then a spatio-temporal-guidance (STG) forward with blocks
-skipped and a modality-isolated forward with the audio<->video cross attention off, converts every prediction
-to x0 space (``x - sigma * v``) and combines per modality::
+The stock loop runs cond and uncond as one batch, then a spatio-temporal-guidance (STG) forward with the
+self-attention of the named blocks bypassed and a modality-isolated forward with the audio<->video cross
+attention off, converts every prediction to x0 space (``x - sigma * v``) and combines per modality::
 
     g = c + (w - 1)(c - u) + s(c - c_stg) + (m - 1)(c - c_mod)      then rescale_noise_cfg(g, c, r) if r > 0
 
 with separate ``w, s, m, r`` for video and audio, before converting back to a velocity for two schedulers.
 
-Here every branch is a separate batch-1 forward whose prediction is the tuple ``(video_x0, audio_x0)`` in fp32:
-the runtime moves both outputs of every branch in one collective, :class:`LTX2Guidance` applies the stock
-combine, and the update converts back to velocities and steps a private scheduler per modality. Output is
-bit-identical across cfg_parallel_size and matches stock within fp32 rounding (stock batches cond and uncond);
-with CFG off stock runs batch-1 forwards too and the output is stock's bits.
+Here each branch's prediction is the tuple ``(video_x0, audio_x0)`` in fp32, from its own batch-1 forward
+(``batch_branches`` stacks branches with the same perturbation instead): the runtime moves both outputs of
+every branch in one collective, :class:`LTX2Guidance` applies the stock combine, and the update converts back
+to velocities and steps a private scheduler per modality. Output is bit-identical across cfg_parallel_size and
+matches stock within fp32 rounding (stock batches cond and uncond); with CFG off stock runs batch-1 forwards
+too and the output is stock's bits.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class LTX2Adapter(Adapter):
             max_seconds=a["max_seconds"],
         )
         if a["output_type"] not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+            allowed = ", ".join(map(repr, OUTPUT_TYPES))
+            raise ValueError(f"output_type must be one of {allowed}, got {a['output_type']!r}")
         return a
 
     def default_policy(self, a: dict[str, Any]) -> LTX2Guidance:
@@ -179,7 +181,9 @@ class LTX2Adapter(Adapter):
         if num_frames is None and not auto_duration:
             num_frames = 121
         if a["enable_prompt_enhancement"] and prompt is not None:
-            system_prompt = a["system_prompt"] or module.LTX2_5_T2V_DEFAULT_SYSTEM_PROMPT
+            system_prompt = a["system_prompt"]
+            if system_prompt is None:
+                system_prompt = module.LTX2_5_T2V_DEFAULT_SYSTEM_PROMPT
             prompt = pipe.enhance_prompt(
                 prompt=prompt,
                 system_prompt=system_prompt,
