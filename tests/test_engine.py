@@ -288,13 +288,16 @@ def test_engine_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     size = 2 if torch.cuda.device_count() >= 2 else 1
+    # fused=False: the reference update, bit-identical to stock (the fused kernel matches to fp32 rounding)
     with pycfg.Engine(functools.partial(qwenimage_pipeline, "tiny"), cfg_parallel_size=size,
-                      timeout=TIMEOUT) as eng:
+                      timeout=TIMEOUT, fused=False) as eng:
         assert eng.describe()["devices"] == [f"cuda:{i}" for i in range(size)]
         out = eng.generate(**request(0), generator=torch.Generator().manual_seed(0)).images
     assert out.device.type == "cpu"
     pipe = qwenimage_pipeline().to("cuda:0")
-    ref = pipe(**request(0), generator=torch.Generator().manual_seed(0)).images
+    # the stock pipeline does not move caller-provided embeds; the Engine's workers do
+    on_gpu = {k: v.to("cuda:0") if isinstance(v, torch.Tensor) else v for k, v in request(0).items()}
+    ref = pipe(**on_gpu, generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(out, ref.cpu())
 
 
