@@ -52,6 +52,10 @@ class CompiledPipeline:
         self.warmup_times: dict[str, float] = {}
 
     @property
+    def device(self) -> torch.device:
+        return _pipeline_device(self.pipeline)
+
+    @property
     def cfg_parallel_size(self) -> int:
         return self.comm.size
 
@@ -102,9 +106,8 @@ class CompiledPipeline:
         for name in ("cold_s", "warm_s"):
             start = time.perf_counter()
             self(**kwargs)
-            device = _pipeline_device(self.pipeline)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             times[name] = time.perf_counter() - start
         self.warmup_times = times
         return dict(times)
@@ -118,7 +121,9 @@ class CompiledPipeline:
             "rank": self.comm.rank,
             "exchange": self.exchange,
             "communicator": self.comm.name,
-            "fused": bool(self.fused),
+            "fused": self.fused,
+            "update": "fused kernel" if self.fused or (self.fused is None and self.device.type == "cuda")
+            else "scheduler.step() (reference)",
             "check_consistency": self.check_consistency,
             "timeout": self.timeout,
             "batch_branches": self.batch_mode,
@@ -192,8 +197,8 @@ def compile(
             groups of consecutive ranks; 1 needs no process group at all.
         exchange: ``"gather"`` (all-gather the branch predictions, combine on every rank: bit-identical to the
             sequential pipeline) or ``"reduce"`` (one fp32 weighted all-reduce; linear policies only).
-        fused: run combine + scheduler update as one fused kernel:            ``None``: the Triton kernel on CUDA, the scheduler's own ``step()`` elsewhere (bit-identical to the
-            stock pipeline); ``True``: always the kernel (on CPU in Triton's interpreter, TRITON_INTERPRET=1);
+        fused: run combine + scheduler update as one fused kernel. ``None``: the Triton kernel on CUDA, the
+            scheduler's own ``step()`` elsewhere (bit-identical to the stock pipeline); ``True``: always the kernel (on CPU in Triton's interpreter, TRITON_INTERPRET=1);
             ``False``: always ``step()``. Schedulers without a coefficient table use ``step()`` in any case.
         check_consistency: after every step, verify with a checksum collective that all ranks hold identical
             latents and solver state; raise naming the step and tensor if not.

@@ -87,7 +87,15 @@ class GuidancePolicy:
                 spec.perturbation.check(transformer)
 
     def check_outputs(self, num_outputs: int) -> None:
-        """Raise if this policy cannot combine predictions with ``num_outputs`` outputs per branch."""
+        """Raise if this policy cannot combine predictions with ``num_outputs`` outputs per branch.
+
+        The default combines single tensors; policies that handle tuple predictions (video + audio) override it.
+        """
+        if num_outputs > 1:
+            raise ValueError(
+                f"{self.describe()} combines single-tensor predictions, but this pipeline predicts {num_outputs} "
+                "outputs per branch: use pycfg.guidance.MultiBranch (per-output scales) or the pipeline's default"
+            )
 
     def set_timesteps(self, timesteps: Sequence[float]) -> None:
         """The request's timestep values, for schedules that depend on t (called by adapters before ``reset``)."""

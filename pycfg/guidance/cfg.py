@@ -28,6 +28,9 @@ class NoGuidance(GuidancePolicy):
 
     branches = ("cond",)
 
+    def check_outputs(self, num_outputs: int) -> None:
+        pass  # passes the branch's prediction through, whatever its structure
+
 
 def _check_rescale(name: str, rescale: float) -> float:
     rescale = check_scale(f"{name}: rescale", rescale)

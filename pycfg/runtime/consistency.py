@@ -28,7 +28,11 @@ def describe_value(value: Any) -> Any:
         return ("callable", getattr(value, "__qualname__", type(value).__qualname__))
     if hasattr(value, "describe"):
         return (type(value).__name__, value.describe())
-    return (type(value).__name__, repr(value)[:200])
+    text = repr(value)
+    if " at 0x" in text:
+        # a default repr holds a memory address, which differs between processes for the same argument
+        return (type(value).__qualname__,)
+    return (type(value).__name__, text[:200])
 
 
 def fingerprint(arguments: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
