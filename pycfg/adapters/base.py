@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..runtime.job import Job
 from ..schedulers import SchedulerStep, make_scheduler_update  # noqa: F401
 
 
@@ -61,6 +62,25 @@ class Adapter:
         """
         scheduler = self.pipe.scheduler
         return type(scheduler).from_config(scheduler.config)
+
+    def denoise_job(self, *, latents: torch.Tensor, timesteps, policy, forward, update, finish, step_end,
+                    prediction_dtype: torch.dtype) -> Job:
+        """The Job of a pipeline with one latent tensor and one prediction tensor per branch, with the fields
+        every such adapter fills the same way (interrupt flag, progress bar, solver state)."""
+        return Job(
+            latents=latents,
+            num_steps=len(timesteps),
+            policy=policy,
+            forward=forward,
+            update=update,
+            prediction_spec=[(tuple(latents.shape), prediction_dtype)],
+            device=latents.device,
+            finish=finish,
+            step_end=step_end,
+            interrupted=lambda: self.pipe._interrupt,
+            progress=self.progress,
+            state_tensors=update.state_tensors,
+        )
 
     def progress(self, total: int, enabled: bool):
         """The pipeline's own progress bar (honouring ``set_progress_bar_config``) on one rank only."""

@@ -235,17 +235,9 @@ class CogVideoXAdapter(Adapter):
                 return (video,)
             return module.CogVideoXPipelineOutput(frames=video)
 
-        return Job(
-            latents=latents,
-            num_steps=len(timesteps),
-            policy=policy,
-            forward=forward,
-            update=update,
-            prediction_spec=[(tuple(latents.shape), torch.float32)],
-            device=latents.device,
+        return self.denoise_job(
+            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=update,
             finish=finish,
             step_end=step_end,
-            interrupted=lambda: pipe._interrupt,
-            progress=self.progress,
-            state_tensors=update.state_tensors,
+            prediction_dtype=torch.float32,
         )

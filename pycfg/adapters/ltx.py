@@ -250,17 +250,9 @@ class LTXAdapter(Adapter):
 
         policy.set_timesteps([t.item() for t in timesteps])
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
-        return Job(
-            latents=latents,
-            num_steps=len(timesteps),
-            policy=policy,
-            forward=forward,
-            update=stepper,
-            prediction_spec=[(tuple(latents.shape), torch.float32)],
-            device=latents.device,
+        return self.denoise_job(
+            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
             finish=finish,
             step_end=step_end,
-            interrupted=lambda: pipe._interrupt,
-            progress=self.progress,
-            state_tensors=stepper.state_tensors,
+            prediction_dtype=torch.float32,
         )

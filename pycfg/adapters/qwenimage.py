@@ -247,20 +247,12 @@ class QwenImageAdapter(Adapter):
             return module.QwenImagePipelineOutput(images=image)
 
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
-        return Job(
-            latents=latents,
-            num_steps=len(timesteps),
-            policy=policy,
-            forward=forward,
-            update=stepper,
-            prediction_spec=[(tuple(latents.shape), transformer.dtype)],
-            device=latents.device,
+        return self.denoise_job(
+            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
             finish=finish,
             # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
             step_end=step_end if callback is not None else None,
-            interrupted=lambda: pipe._interrupt,
-            progress=self.progress,
-            state_tensors=stepper.state_tensors,
+            prediction_dtype=transformer.dtype,
         )
 
 
