@@ -1,6 +1,8 @@
 """Small random-weight pipelines built in code: no downloads, fixed seeds. Used by the demo, tests and benchmarks.
 
-``text_encoder`` and ``tokenizer`` are None: pass ``prompt_embeds`` (+ masks) directly, as from any encoder.
+``text_encoder`` and ``tokenizer`` are None by default: pass ``prompt_embeds`` (+ masks) directly, as from any
+encoder. ``qwenimage_pipeline(text_encoder=True)`` also builds a tiny Qwen2.5-VL text encoder and a byte-level
+BPE tokenizer in code, so string prompts go through the pipeline's own ``encode_prompt``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,49 @@ QWENIMAGE_CONFIGS = {
 }
 
 
+def _byte_level_tokenizer(corpus: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on ``corpus``, with Qwen's chat-template special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+def qwen_text_encoder(hidden_size: int, seed: int = 0):
+    """(tokenizer, Qwen2.5-VL text encoder) at a tiny size, random weights, for the Qwen-Image pipelines."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _byte_level_tokenizer([
+        "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships",
+        "a lighthouse at dusk", "a photo of a cat", "blurry, low quality",
+    ])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=2 * hidden_size, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, hidden_size // 4 - 2],
+                                       "rope_theta": 10000.0}),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=hidden_size),
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+    )
+    return tokenizer, Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
 def qwenimage_pipeline(config: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-                       scheduler=None):
+                       scheduler=None, text_encoder: bool = False):
     """A QwenImagePipeline with the real architecture at a small size (VAE scale factor 4, 16 latent channels).
 
-    "small" makes 1024 image tokens (256x256) with hidden size 1024 and 8 blocks.
+    "small" makes 1024 image tokens (256x256) with hidden size 1024 and 8 blocks. ``text_encoder=True`` adds a
+    tiny text encoder and tokenizer so ``prompt=`` / ``negative_prompt=`` strings work.
     """
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
@@ -35,11 +75,12 @@ def qwenimage_pipeline(config: str = "tiny", seed: int = 0, dtype: torch.dtype =
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    tokenizer, encoder = qwen_text_encoder(cfg["joint_attention_dim"], seed) if text_encoder else (None, None)
     pipe = QwenImagePipeline(
         scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
     )
     if dtype != torch.float32:

@@ -68,6 +68,16 @@ def variants(rank: int, world: int) -> dict:
     mask_padded["prompt_embeds_mask"][:, 6:] = 0
     out["padded_mask"] = both(mask_padded, true_cfg_scale=4.0)
 
+    # string prompts through the pipeline's own encode_prompt (a tiny text encoder built in code), batch of 2,
+    # negative prompts of other lengths
+    text_pipe = qwenimage_pipeline(text_encoder=True)
+    text_fast = pycfg.compile(text_pipe, cfg_parallel_size=2, check_consistency=True)
+    prompts = dict(prompt=["a lighthouse at dusk", "a photo of a cat"], negative_prompt=["blurry", "low quality"],
+                   height=32, width=32, true_cfg_scale=4.0)
+    out["string_prompts"] = {"pycfg": call(text_fast, prompts, 4)}
+    if rank == 0:
+        out["string_prompts"]["stock"] = call(text_pipe, prompts, 4)
+
     # user latents and the caller's tensors: unchanged afterwards
     inputs = qwenimage_inputs()
     inputs["latents"] = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(5))

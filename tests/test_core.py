@@ -65,7 +65,7 @@ def test_reduce_close_to_gather(world2, sched):
     assert torch.equal(world2[0][("reduce", sched, 8)], world2[1][("reduce", sched, 8)])
 
 
-VARIANTS = ("batch2", "images_per_prompt", "guidance_off_scale", "guidance_off_no_negative", "custom_sigmas",
+VARIANTS = ("string_prompts", "batch2", "images_per_prompt", "guidance_off_scale", "guidance_off_no_negative", "custom_sigmas",
             "padded_mask", "user_latents", "callback", "output_np", "output_pt", "output_pil")
 
 
@@ -80,6 +80,15 @@ def test_variant_matches_stock_on_every_rank(variants, name):
             assert np.array_equal(got, stock), f"rank {rank}"
         else:
             assert torch.equal(got, stock), f"rank {rank}"
+
+
+def test_string_prompts_through_encode_prompt_p1():
+    torch.set_num_threads(1)
+    pipe = qwenimage_pipeline(text_encoder=True)
+    request = dict(prompt="a lighthouse at dusk", negative_prompt="blurry, low quality", height=32, width=32,
+                   true_cfg_scale=4.0, num_images_per_prompt=2)
+    stock = core_cases.call(pipe, request, 4)
+    assert torch.equal(core_cases.call(pycfg.compile(pipe), request, 4), stock)
 
 
 def test_callbacks_run_on_every_rank_with_same_arguments(variants):
