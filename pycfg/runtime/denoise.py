@@ -23,12 +23,8 @@ def _outputs(pred: Prediction) -> list[torch.Tensor]:
     return list(pred) if isinstance(pred, tuple) else [pred]
 
 
-def _segment_bytes(spec) -> list[int]:
-    sizes = []
-    for shape, dtype in spec:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        sizes.append(-(-nbytes // _ALIGN) * _ALIGN)
-    return sizes
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * dtype.itemsize
 
 
 class Exchange:
@@ -38,13 +34,16 @@ class Exchange:
         self.comm = comm
         self.spec = [(tuple(s), d) for s, d in spec]
         self.tuple_output = len(self.spec) > 1
-        self.segments = _segment_bytes(self.spec)
+        self.nbytes = [_nbytes(s, d) for s, d in self.spec]
+        self.segments = [-(-n // _ALIGN) * _ALIGN for n in self.nbytes]
         self.branch_bytes = sum(self.segments)
         self.device = device
+        # what the reduce path's policies read shape, dtype and device from (never written): made once per request
+        outs = tuple(torch.empty(s, dtype=d, device=device) for s, d in self.spec)
+        self._like = outs if self.tuple_output else outs[0]
 
     def like(self) -> Prediction:
-        outs = tuple(torch.empty(s, dtype=d, device=self.device) for s, d in self.spec)
-        return outs if self.tuple_output else outs[0]
+        return self._like
 
     def gather(self, plan: tuple[tuple[str, ...], ...], local: list[Prediction]) -> dict[str, Prediction]:
         slots = max(len(names) for names in plan)
@@ -61,8 +60,7 @@ class Exchange:
             for j, name in enumerate(names):
                 offset = j * self.branch_bytes
                 outs = []
-                for (shape, dtype), seg in zip(self.spec, self.segments):
-                    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                for (shape, dtype), nbytes, seg in zip(self.spec, self.nbytes, self.segments):
                     outs.append(every[rank, offset : offset + nbytes].view(dtype).view(shape))
                     offset += seg
                 preds[name] = tuple(outs) if self.tuple_output else outs[0]
