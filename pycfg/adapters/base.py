@@ -64,7 +64,7 @@ class Adapter:
         return type(scheduler).from_config(scheduler.config)
 
     def denoise_job(self, *, latents: torch.Tensor, timesteps, policy, forward, update, finish, step_end,
-                    prediction_dtype: torch.dtype) -> Job:
+                    prediction_dtype: torch.dtype, not_graphable: str | None = None) -> Job:
         """The Job of a pipeline with one latent tensor and one prediction tensor per branch, with the fields
         every such adapter fills the same way (interrupt flag, progress bar, solver state)."""
         return Job(
@@ -80,6 +80,7 @@ class Adapter:
             interrupted=lambda: self.pipe._interrupt,
             progress=self.progress,
             state_tensors=update.state_tensors,
+            not_graphable=not_graphable,
         )
 
     def progress(self, total: int, enabled: bool):

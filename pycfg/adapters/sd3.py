@@ -90,6 +90,8 @@ class SD3Guidance(GuidancePolicy):
 
 class StableDiffusion3Adapter(Adapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device
+    graph_step_index = True
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
@@ -205,7 +207,8 @@ class StableDiffusion3Adapter(Adapter):
         transformer = pipe.transformer
 
         def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
+            # a tensor step index (CUDA graph replays) selects on device: no host value is baked in
+            t = timesteps[i] if isinstance(i, int) else timesteps.index_select(0, i)[0]
             timestep = t.expand(x.shape[0])
             preds = []
             for name in names:
@@ -263,6 +266,7 @@ class StableDiffusion3Adapter(Adapter):
         return self.denoise_job(
             latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
             finish=finish,
-            step_end=step_end,
+            # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
+            step_end=step_end if a["callback_on_step_end"] is not None else None,
             prediction_dtype=transformer.dtype,
         )

@@ -25,6 +25,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 class WanAdapter(Adapter):
     pipeline_classes = ("WanPipeline",)
+    #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device.
+    #: A run whose expert changes mid-way is never captured: a graph would replay one expert at every step.
+    graph_step_index = True
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
@@ -145,17 +148,24 @@ class WanAdapter(Adapter):
         attention_kwargs = a["attention_kwargs"]
 
         def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
+            if isinstance(i, int):
+                t = timesteps[i]
+                model = transformer if first_expert[i] else transformer_2
+                cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]),
+                                "num_inference_steps": len(timesteps)}
+            else:
+                # a replayed step: no host value of the step may be baked in, and only single-expert runs
+                # get here (see not_graphable below)
+                t = timesteps.index_select(0, i)[0]
+                model = transformer if first_expert[0] else transformer_2
+                cache_kwargs = {"num_inference_steps": len(timesteps)}
             pipe._current_timestep = t
-            model = transformer if first_expert[i] else transformer_2
             model_input = x.to(transformer_dtype)
             if pipe.config.expand_timesteps:
                 temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()
                 timestep = temp_ts.unsqueeze(0).expand(x.shape[0], -1)
             else:
                 timestep = t.expand(x.shape[0])
-            cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]),
-                            "num_inference_steps": len(timesteps)}
             preds = []
             for name in names:
                 spec = specs[name]
@@ -209,6 +219,9 @@ class WanAdapter(Adapter):
         return self.denoise_job(
             latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
             finish=finish,
-            step_end=step_end,
+            # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
+            step_end=step_end if a["callback_on_step_end"] is not None else None,
             prediction_dtype=model.dtype,
+            not_graphable=None if len(set(first_expert)) <= 1 else
+            "the two experts switch mid-run: one captured step would replay one expert at every step",
         )

@@ -72,6 +72,8 @@ class StepGraphs:
             return "a stochastic solver keys its noise on the host's step number"
         if not _policy_ok(job.policy):
             return f"guidance {type(job.policy).__name__} may change its weights from step to step"
+        if job.not_graphable is not None:
+            return job.not_graphable
         if job.step_end is not None:
             return "a step-end callback runs between steps"
         return None

@@ -34,3 +34,5 @@ class Job:
     progress: Callable[[int, bool], ContextManager] = field(default=lambda total, enabled: contextlib.nullcontext())
     #: solver state carried across steps (checked for rank consistency)
     state_tensors: Callable[[], dict[str, torch.Tensor]] = dict
+    #: why one captured step cannot serve every step of this request (e.g. the model changes mid-run); None if it can
+    not_graphable: str | None = None
