@@ -28,10 +28,12 @@ STATS_BLOCK = 4096
 
 
 @triton.jit
-def _stats_kernel(c_ptr, u_ptr, out_ptr, per_sample, n_blocks, scale,
+def _stats_kernel(c_ptr, u_ptr, out_ptr, scale_ptr, per_sample, n_blocks, scale,
                   HAS_UNCOND: tl.constexpr, ORIGINAL: tl.constexpr, WITH_COND: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  SCALE_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
     # one (sample, block) per program: count, mean and M2 of the guided prediction (and of cond)
+    if SCALE_IN_MEMORY:
+        scale = tl.load(scale_ptr)
     b = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -62,10 +64,13 @@ def _stats_kernel(c_ptr, u_ptr, out_ptr, per_sample, n_blocks, scale,
 
 @triton.jit(do_not_specialize=["step"])
 def _fused_update_kernel(x_ptr, c_ptr, u_ptr, cnorm_ptr, std_ptr, hist_ptr, coef_ptr, slots_ptr, seed_ptr,
-                         step, n_rows, row_len, numel, per_sample, scale, rescale,
+                         scale_ptr, step, n_rows, row_len, numel, per_sample, scale, rescale,
                          HAS_UNCOND: tl.constexpr, ORIGINAL: tl.constexpr, RENORM: tl.constexpr,
                          COND_NORM_GIVEN: tl.constexpr, RESCALE: tl.constexpr, NOISE: tl.constexpr,
-                         K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         SCALE_IN_MEMORY: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    if SCALE_IN_MEMORY:
+        scale = tl.load(scale_ptr)
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.arange(0, BLOCK_D)[None, :]
@@ -139,14 +144,25 @@ def _std_from_partials(partials: torch.Tensor, column: int) -> torch.Tensor:
     return torch.sqrt(m2_all / (total.squeeze(1) - 1)).float()
 
 
+def _scale_args(scale, fallback: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """(pointer, value, read from memory?): a tensor scale is read on device, so a captured launch can be
+    replayed with a new scale written into the same memory."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype != torch.float32 or scale.numel() != 1 or scale.device != fallback.device:
+            raise ValueError("a tensor scale must be one float32 element on the latents' device")
+        return scale, 0.0, True
+    return fallback, float(scale), False  # any fp32 pointer: not read
+
+
 def _sample_stds(cond, uncond, scale, original, cond_std, batch: int) -> torch.Tensor:
     per_sample = cond.numel() // batch
     n_blocks = triton.cdiv(per_sample, STATS_BLOCK)
     partials = torch.empty(batch, n_blocks, 5, dtype=torch.float32, device=cond.device)
     with_cond = cond_std is None
-    _stats_kernel[(batch, n_blocks)](cond, uncond if uncond is not None else cond, partials, per_sample, n_blocks,
-                                     float(scale), HAS_UNCOND=uncond is not None, ORIGINAL=bool(original),
-                                     WITH_COND=with_cond, BLOCK=STATS_BLOCK)
+    scale_ptr, scale_value, in_memory = _scale_args(scale, partials)
+    _stats_kernel[(batch, n_blocks)](cond, uncond if uncond is not None else cond, partials, scale_ptr, per_sample,
+                                     n_blocks, scale_value, HAS_UNCOND=uncond is not None, ORIGINAL=bool(original),
+                                     WITH_COND=with_cond, SCALE_IN_MEMORY=in_memory, BLOCK=STATS_BLOCK)
     std_p = _std_from_partials(partials, 1)
     std_c = _std_from_partials(partials, 3) if with_cond else cond_std.reshape(batch).float()
     return torch.stack([std_c, std_p], dim=1).contiguous()
@@ -154,13 +170,14 @@ def _sample_stds(cond, uncond, scale, original, cond_std, batch: int) -> torch.T
 
 def fused_guided_update(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
                         history: torch.Tensor, coefficients: torch.Tensor, write_slots: torch.Tensor, step: int,
-                        *, scale: float = 1.0, original: bool = False, renorm: bool = False, rescale: float = 0.0,
-                        cond_norm: torch.Tensor | None = None, cond_std: torch.Tensor | None = None,
-                        seed: torch.Tensor | None = None) -> torch.Tensor:
+                        *, scale: float | torch.Tensor = 1.0, original: bool = False, renorm: bool = False,
+                        rescale: float = 0.0, cond_norm: torch.Tensor | None = None,
+                        cond_std: torch.Tensor | None = None, seed: torch.Tensor | None = None) -> torch.Tensor:
     """The fused update (see the module docstring); arguments as ``fused_update_ref.fused_guided_update_ref``.
 
     ``coefficients`` must be fp32 and contiguous on the latents' device, ``write_slots`` int32 there, and
     ``history`` fp32 of shape (K, numel); ``seed`` is an int64 tensor of one element, or None for no noise.
+    ``scale`` is a number, or a one-element fp32 tensor on the device that the kernel reads at run time.
     """
     if not (latents.is_contiguous() and cond.is_contiguous() and (uncond is None or uncond.is_contiguous())):
         raise ValueError("fused_guided_update needs contiguous latents and predictions")
@@ -180,14 +197,15 @@ def fused_guided_update(latents: torch.Tensor, cond: torch.Tensor, uncond: torch
     stds = (_sample_stds(cond, uncond, scale, original, cond_std, batch) if rescale > 0.0
             else coefficients)  # any fp32 pointer: not read without RESCALE
     noise = seed is not None
+    scale_ptr, scale_value, in_memory = _scale_args(scale, coefficients)
     _fused_update_kernel[(triton.cdiv(n_rows, block_r),)](
         latents, cond, uncond if uncond is not None else cond,
         cond_norm if cond_norm is not None else coefficients, stds,
         history if history.numel() else coefficients, coefficients, write_slots,
-        seed if noise else write_slots,
-        int(step), n_rows, row_len, numel, numel // batch, float(scale), float(rescale),
+        seed if noise else write_slots, scale_ptr,
+        int(step), n_rows, row_len, numel, numel // batch, scale_value, float(rescale),
         HAS_UNCOND=uncond is not None, ORIGINAL=bool(original), RENORM=bool(renorm),
-        COND_NORM_GIVEN=cond_norm is not None, RESCALE=rescale > 0.0, NOISE=noise, K=num_slots,
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        COND_NORM_GIVEN=cond_norm is not None, RESCALE=rescale > 0.0, NOISE=noise,
+        SCALE_IN_MEMORY=in_memory, K=num_slots, BLOCK_R=block_r, BLOCK_D=block_d,
     )
     return latents

@@ -15,7 +15,7 @@ from .guidance import GuidancePolicy
 from .parallel.comm import make_comm
 from .parallel.groups import form_cfg_group
 from .runtime.compiled import check_compile_option, choose_batching, compile_transformer as _compile_transformer
-from .runtime.consistency import check_same_arguments
+from .runtime.consistency import check_same_arguments, describe_value
 from .runtime.denoise import denoise
 from .schedulers import NOISE_SOURCES
 
@@ -87,7 +87,8 @@ class CompiledPipeline:
                 self.batch_choices[key] = choice
                 self.adapter.batch_branches = choice["batched"]
             if self.step_graphs is not None:
-                self.step_graphs.shape_key = (key, self.adapter.batch_branches)
+                self.step_graphs.shape_key = (_graph_key(args, self.adapter), self.adapter.batch_branches,
+                                              _weights_key(self.pipeline))
             latents, self.last_step_times = denoise(
                 job, self.comm, exchange=self.exchange, check_consistency=self.check_consistency,
                 step_graphs=self.step_graphs,
@@ -164,6 +165,36 @@ def _shape_key(args: dict[str, Any], guidance, size: int) -> tuple:
             parts.append((name, tuple(value)))
     policy = (type(guidance).__name__, tuple(guidance.branches)) if guidance is not None else None
     return (tuple(parts), policy, size)
+
+
+def _graph_key(args: dict[str, Any], adapter) -> tuple:
+    """What a captured step bakes in from the call's arguments: tensors by shape, and the values of every
+    argument but the adapter's ``graph_value_args`` (those reach the steps through the job's graph inputs)."""
+    skip = set(adapter.graph_value_args)
+    return tuple((name, _key_value(value)) for name, value in sorted(args.items())
+                 if name not in skip or isinstance(value, torch.Tensor))
+
+
+def _key_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype), str(value.device))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key_value(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _key_value(v)) for k, v in value.items())))
+    return repr(describe_value(value))
+
+
+def _weights_key(pipeline) -> tuple:
+    """The transformers' parameter and buffer addresses: a captured step reads weights from these, so weights
+    swapped for new tensors (adapters loaded, modules replaced) must not replay it. In-place updates keep them."""
+    key = []
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipeline, name, None)
+        if isinstance(model, torch.nn.Module):
+            key.append((name, id(model), hash(tuple(t.data_ptr() for t in model.parameters())),
+                        hash(tuple(t.data_ptr() for t in model.buffers()))))
+    return tuple(key)
 
 
 def _pipeline_device(pipeline) -> torch.device:

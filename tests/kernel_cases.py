@@ -154,3 +154,25 @@ def test_kernel_odd_sizes():
     ref, ker = _run_both(plan, "cfg-renorm", (3, 7, 13), torch.float32, 4)
     for (xr, _), (xk, _) in zip(ref, ker):
         assert relative(xk, xr) < 1e-6
+
+
+@pytest.mark.parametrize("guidance", ["cfg", "cfg-original", "cfg-rescale-renorm"])
+def test_kernel_scale_from_device_memory(guidance):
+    # a captured launch reads the scale from memory, so a replay honours a new request's scale
+    plan = _plan("unipc3", 3)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 40, 24, generator=g).to(DEVICE)
+    c, u = torch.randn(2, 2, 40, 24, generator=g).to(DEVICE)
+    kw = dict(GUIDANCE[guidance])
+    scale = kw.pop("scale")
+    results = []
+    for s in (scale, torch.tensor([scale], device=DEVICE)):
+        x = x0.clone()
+        hist = torch.zeros(plan.num_slots, x.numel(), device=DEVICE)
+        coef, slots = plan.coefficients.to(DEVICE, torch.float32).contiguous(), plan.write_slots.to(DEVICE)
+        for i in range(3):
+            fused_guided_update(x, c, u, hist, coef, slots, i, scale=s, **kw)
+        results.append(x)
+    assert torch.equal(results[0], results[1])
+    with pytest.raises(ValueError, match="one float32 element"):
+        fused_guided_update(x0.clone(), c, u, hist, coef, slots, 0, scale=torch.tensor([scale, scale], device=DEVICE))

@@ -18,6 +18,10 @@ class Adapter:
     """Turns one pipeline call into a :class:`~pycfg.runtime.job.Job`, and back into the pipeline's output."""
 
     pipeline_classes: tuple[str, ...] = ()
+    #: call arguments whose values reach the denoising steps only through the job's ``graph_inputs`` tensors or
+    #: the guidance scale (prompts, embeddings, seeds, scales) or not at all (output options): requests that
+    #: differ only in these replay the same captured steps
+    graph_value_args: tuple[str, ...] = ()
 
     def __init__(self, pipe, fused: bool | None = None, noise: str = "philox") -> None:
         self.pipe = pipe
@@ -64,7 +68,8 @@ class Adapter:
         return type(scheduler).from_config(scheduler.config)
 
     def denoise_job(self, *, latents: torch.Tensor, timesteps, policy, forward, update, finish, step_end,
-                    prediction_dtype: torch.dtype, not_graphable: str | None = None) -> Job:
+                    prediction_dtype: torch.dtype, not_graphable: str | None = None,
+                    graph_inputs=None) -> Job:
         """The Job of a pipeline with one latent tensor and one prediction tensor per branch, with the fields
         every such adapter fills the same way (interrupt flag, progress bar, solver state)."""
         return Job(
@@ -81,6 +86,7 @@ class Adapter:
             progress=self.progress,
             state_tensors=update.state_tensors,
             not_graphable=not_graphable,
+            graph_inputs=graph_inputs,
         )
 
     def progress(self, total: int, enabled: bool):
@@ -90,10 +96,15 @@ class Adapter:
         return contextlib.nullcontext()
 
 
-def own_tensor(t: torch.Tensor | None, original: torch.Tensor | None) -> torch.Tensor | None:
-    """``t``, copied if it still shares memory with the caller's ``original`` (so nothing of theirs is written)."""
-    if t is None or original is None or not isinstance(original, torch.Tensor):
+def own_tensor(t: torch.Tensor | None, original) -> torch.Tensor | None:
+    """``t``, copied if it still shares memory with the caller's ``original`` (a tensor, or a list or dict of
+    call arguments), so nothing of theirs is ever written."""
+    if t is None:
         return t
-    if t.untyped_storage().data_ptr() == original.untyped_storage().data_ptr():
+    if isinstance(original, dict):
+        original = list(original.values())
+    originals = original if isinstance(original, (list, tuple)) else [original]
+    ptr = t.untyped_storage().data_ptr()
+    if any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == ptr for o in originals):
         return t.clone()
     return t

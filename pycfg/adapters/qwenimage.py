@@ -27,6 +27,9 @@ class QwenImageAdapter(Adapter):
     #: pad text inputs to a multiple of this many tokens (zeros, masked out): fewer compiled shapes, and
     #: cond/uncond of different lengths can share one batched forward. None: exact lengths (stock behaviour).
     text_bucket: int | None = None
+    graph_value_args = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "prompt_embeds_mask",
+                        "negative_prompt_embeds_mask", "latents", "generator", "true_cfg_scale", "guidance_scale",
+                        "output_type", "return_dict")
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Bind and validate with the pipeline's own ``check_inputs``; no model runs here."""
@@ -146,10 +149,10 @@ class QwenImageAdapter(Adapter):
         if transformer.config.guidance_embeds and guidance_scale is None:
             raise ValueError("guidance_scale is required for guidance-distilled model.")
         elif transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-            guidance = guidance.expand(latents.shape[0])
+            guidance_value = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+            guidance = guidance_value.expand(latents.shape[0])
         else:
-            guidance = None
+            guidance_value = guidance = None
         if pipe._attention_kwargs is None:
             pipe._attention_kwargs = {}
         attention_kwargs = pipe._attention_kwargs
@@ -158,6 +161,8 @@ class QwenImageAdapter(Adapter):
         bucket = getattr(self, "text_bucket", None)
         if bucket:
             branch_text = {k: _pad_text(e, m, bucket) for k, (e, m) in branch_text.items()}
+        # a captured step's text buffers are written by later requests: never the caller's tensors
+        branch_text = {k: (own_tensor(e, a), own_tensor(m, a)) for k, (e, m) in branch_text.items()}
 
         def run(names: tuple[str, ...], x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
             """One transformer forward for ``names`` (one branch, or same-shape branches stacked on batch)."""
@@ -246,6 +251,16 @@ class QwenImageAdapter(Adapter):
                 return (image,)
             return module.QwenImagePipelineOutput(images=image)
 
+        def graph_inputs() -> dict[str, torch.Tensor]:
+            tensors = {"timesteps": timesteps}
+            for source, (embeds, mask) in branch_text.items():
+                tensors[f"{source}_embeds"] = embeds
+                if mask is not None:
+                    tensors[f"{source}_mask"] = mask
+            if guidance_value is not None:
+                tensors["guidance"] = guidance_value
+            return tensors
+
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
             latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
@@ -253,6 +268,7 @@ class QwenImageAdapter(Adapter):
             # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
             step_end=step_end if callback is not None else None,
             prediction_dtype=transformer.dtype,
+            graph_inputs=graph_inputs,
         )
 
 

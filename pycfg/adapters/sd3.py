@@ -92,6 +92,10 @@ class StableDiffusion3Adapter(Adapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device
     graph_step_index = True
+    graph_value_args = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3",
+                        "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                        "negative_pooled_prompt_embeds", "latents", "generator", "guidance_scale", "output_type",
+                        "return_dict")
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
@@ -162,6 +166,8 @@ class StableDiffusion3Adapter(Adapter):
         )
         # text inputs by source; perturbed branches read the prompt as encoded, as stock's skip-layer forward
         # reads original_prompt_embeds, which a callback's update does not reach
+        # a captured step's text buffers are written by later requests: never the caller's tensors
+        embeds, neg_embeds, pooled, neg_pooled = (own_tensor(t, a) for t in (embeds, neg_embeds, pooled, neg_pooled))
         text = {PROMPT: [embeds, pooled], NEGATIVE: [neg_embeds, neg_pooled]}
         original = (embeds, pooled)
 
@@ -269,4 +275,7 @@ class StableDiffusion3Adapter(Adapter):
             # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
             step_end=step_end if a["callback_on_step_end"] is not None else None,
             prediction_dtype=transformer.dtype,
+            graph_inputs=lambda: {"timesteps": timesteps, **{
+                f"{source}_{part}": t for source, pair in text.items() for part, t in zip(("embeds", "pooled"), pair)
+                if t is not None}},
         )

@@ -28,6 +28,8 @@ class WanAdapter(Adapter):
     #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device.
     #: A run whose expert changes mid-way is never captured: a graph would replay one expert at every step.
     graph_step_index = True
+    graph_value_args = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
+                        "guidance_scale", "guidance_scale_2", "output_type", "return_dict")
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
@@ -108,9 +110,10 @@ class WanAdapter(Adapter):
         )
         transformer_dtype = transformer.dtype if transformer is not None else transformer_2.dtype
         # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
-        text = {PROMPT: prompt_embeds.to(transformer_dtype)}
+        # a captured step's text buffers are written by later requests: never the caller's tensors
+        text = {PROMPT: own_tensor(prompt_embeds.to(transformer_dtype), a)}
         if negative_prompt_embeds is not None:
-            text[NEGATIVE] = negative_prompt_embeds.to(transformer_dtype)
+            text[NEGATIVE] = own_tensor(negative_prompt_embeds.to(transformer_dtype), a)
 
         scheduler = self.private_scheduler()
         scheduler.set_timesteps(a["num_inference_steps"], device=device)
@@ -224,4 +227,7 @@ class WanAdapter(Adapter):
             prediction_dtype=model.dtype,
             not_graphable=None if len(set(first_expert)) <= 1 else
             "the two experts switch mid-run: one captured step would replay one expert at every step",
+            # with two experts, which one a step runs is baked into its capture: graphs serve one request only
+            graph_inputs=(lambda: {"timesteps": timesteps, **{f"{k}_embeds": v for k, v in text.items()}})
+            if boundary_timestep is None else None,
         )

@@ -36,3 +36,7 @@ class Job:
     state_tensors: Callable[[], dict[str, torch.Tensor]] = dict
     #: why one captured step cannot serve every step of this request (e.g. the model changes mid-run); None if it can
     not_graphable: str | None = None
+    #: graph_inputs() -> by name, every tensor of this request that ``forward`` reads (texts, timesteps, ...),
+    #: none of them the caller's own. A step captured for an earlier request of the same shape is replayed after
+    #: these values are copied into that request's tensors. None: captured steps serve one request only.
+    graph_inputs: Callable[[], dict[str, torch.Tensor]] | None = None

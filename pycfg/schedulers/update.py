@@ -82,6 +82,9 @@ class PlanUpdate:
         self.history: torch.Tensor | None = None
         self._device: torch.device | None = None
         self._kernel = None
+        #: a one-element fp32 device tensor the guidance scale is read from instead of the policy's number:
+        #: a captured step then serves any scale written there (set by the CUDA-graph runner)
+        self.scale_source: torch.Tensor | None = None
 
     def _ready(self, latents: torch.Tensor) -> None:
         if self._device == latents.device and self.history is not None:
@@ -98,6 +101,8 @@ class PlanUpdate:
 
     def _run(self, latents, cond, uncond, i: int, **guidance) -> torch.Tensor:
         self._ready(latents)
+        if self.scale_source is not None and "scale" in guidance:
+            guidance["scale"] = self.scale_source
         if not latents.is_contiguous():
             latents = latents.contiguous()
         if self.use_kernel:
