@@ -254,7 +254,9 @@ def compile(
         compile_mode: the ``torch.compile`` mode (``None`` for its default, ``"max-autotune-no-cudagraphs"``,
             ...). ``"reduce-overhead"`` brings torch's own CUDA graphs and cannot be combined with pycfg's.
         cuda_graphs: capture each denoising step (forwards, collective, fused update) as one CUDA graph and
-            replay it. ``None``: on when the pipeline is on CUDA and the transformer is compiled.
+            replay it. Graphs are kept per request shape, and later requests of that shape replay them with
+            their own inputs and guidance scale. ``None``: on when the pipeline is on CUDA and the transformer
+            is compiled.
         text_bucket: pad text inputs to a multiple of this many tokens, with the padding masked out (adapters
             whose model honours text masks only): fewer shapes to compile, and cond/uncond texts of different
             lengths can share a batched forward. ``None``: exact lengths.
