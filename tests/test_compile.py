@@ -92,3 +92,21 @@ def test_regional_compile_matches_eager_and_never_recompiles():
     assert rel_err(other, run(pipe, steps=4, scale=2.5, **inputs)) < 1e-5
     for block in pipe.transformer.transformer_blocks:
         block._compiled_call_impl = None  # back to eager for the other tests in this process
+
+
+def test_text_buckets_with_a_callback_that_replaces_the_prompt():
+    pipe = qwenimage_pipeline("tiny")
+    inputs = qwenimage_inputs("tiny", pos_len=7, neg_len=5)
+    offered = []
+
+    def brighten(p, i, t, tensors):
+        offered.append(tuple(tensors["prompt_embeds"].shape))
+        return {"prompt_embeds": tensors["prompt_embeds"] * 1.5}
+
+    kw = dict(callback_on_step_end=brighten, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    exact = run(pycfg.compile(pipe), steps=3, **inputs, **kw)
+    bucketed = run(pycfg.compile(pipe, text_bucket=8), steps=3, **inputs, **kw)
+    # the callback sees the prompt as encoded (7 tokens), and its replacement is padded like the original
+    assert set(offered) == {(1, 7, inputs["prompt_embeds"].shape[-1])}
+    assert rel_err(bucketed, exact) < 1e-5
+    assert torch.equal(exact, run(pipe, steps=3, **inputs, **kw))  # the stock pipeline's bits without buckets

@@ -159,6 +159,8 @@ class QwenImageAdapter(Adapter):
         scheduler.set_begin_index(0)
         policy.set_timesteps([t.item() for t in timesteps])
         bucket = getattr(self, "text_bucket", None)
+        # the prompt as encoded: what callbacks are offered and replace, as in the stock loop
+        prompt_text = branch_text["prompt"]
         if bucket:
             branch_text = {k: _pad_text(e, m, bucket) for k, (e, m) in branch_text.items()}
         # a captured step's text buffers are written by later requests: never the caller's tensors
@@ -222,11 +224,13 @@ class QwenImageAdapter(Adapter):
         def step_end(i: int, x: torch.Tensor) -> torch.Tensor:
             if callback is None:
                 return x
-            values = {"latents": x, "prompt_embeds": branch_text["prompt"][0]}
+            nonlocal prompt_text
+            values = {"latents": x, "prompt_embeds": prompt_text[0]}
             outputs = callback(pipe, i, timesteps[i], {k: values[k] for k in callback_inputs})
             x = outputs.pop("latents", x)
             if "prompt_embeds" in outputs:
-                branch_text["prompt"] = (outputs.pop("prompt_embeds"), branch_text["prompt"][1])
+                prompt_text = (outputs.pop("prompt_embeds"), prompt_text[1])
+                branch_text["prompt"] = _pad_text(*prompt_text, bucket) if bucket else prompt_text
             return x
 
         output_type, return_dict = a["output_type"], a["return_dict"]

@@ -10,7 +10,7 @@ synchronisation.
 Graphs are cached across requests. A :class:`StepRunner` is one request's step function together with every
 tensor that function reads (the static buffers: latents, solver tables and history, the scale, and what the
 job lists in ``graph_inputs``: text embeddings, timesteps, ...). A later request whose cache key matches (same
-sizes, same options, same weights; see :meth:`StepGraphs.denoise`) copies its own values into those buffers
+sizes, same options, same weights; see :meth:`StepGraphs.runner_for`) copies its own values into those buffers
 and replays the graphs captured for the earlier one. Jobs without ``graph_inputs`` keep their graphs for one
 request. A returned latent tensor is always a copy, never a cached buffer.
 
@@ -59,8 +59,15 @@ def policy_key(policy, exchange: str, size: int) -> tuple:
     return key + ((policy.scale,) if exchange == "reduce" and size > 1 else ())
 
 
-def _spec(tensors: dict[str, torch.Tensor]) -> tuple:
-    return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(tensors.items()))
+def _buffers(job, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every request tensor a captured step reads, by name (the update's tables made ready first)."""
+    update = job.update
+    update._ready(latents)
+    tensors = {"latents": latents, "plan.coefficients": update.coefficients, "plan.write_slots": update.write_slots,
+               "plan.history": update.history}
+    if job.graph_inputs is not None:
+        tensors.update({f"job.{k}": v for k, v in job.graph_inputs().items()})
+    return tensors
 
 
 class StepRunner:
@@ -68,20 +75,18 @@ class StepRunner:
 
     def __init__(self, job, comm, exchange: str) -> None:
         update, policy = job.update, job.policy
-        self.size, self.rank = comm.size, comm.rank
-        self.job = job
+        size, rank = comm.size, comm.rank
         x = job.latents if job.latents.is_contiguous() else job.latents.contiguous()
-        update._ready(x)
+        self.static = _buffers(job, x)
         self.x = x
-        self.table, self.slots = update.coefficients, update.write_slots
+        table, slots = update.coefficients, update.write_slots
         # the update reads row 0 of these; the step fills them from the full tables by the device step index
-        row, slot_row = torch.empty_like(self.table[:1]), torch.empty_like(self.slots[:1])
+        row, slot_row = torch.empty_like(table[:1]), torch.empty_like(slots[:1])
         update.coefficients, update.write_slots = row, slot_row
         self.scale = torch.ones(1, dtype=torch.float32, device=x.device)
         update.scale_source = self.scale
         index = self.index = torch.zeros(1, dtype=torch.long, device=x.device)
         xchg = Exchange(comm, job.prediction_spec, job.device)
-        table, slots, size, rank = self.table, self.slots, self.size, self.rank
 
         def step(active: tuple[str, ...], i: int) -> None:
             torch.index_select(table, 0, index, out=row)
@@ -104,36 +109,17 @@ class StepRunner:
 
         self.step: Callable[[tuple[str, ...], int], None] = step
         self.graphs: dict[tuple[str, ...], Any] = {}
-        self.static = self._static(job)
-
-    def _static(self, job) -> dict[str, torch.Tensor]:
-        static = {"latents": self.x, "plan.coefficients": self.table, "plan.write_slots": self.slots,
-                  "plan.history": job.update.history}
-        if job.graph_inputs is not None:
-            static.update({f"job.{k}": v for k, v in job.graph_inputs().items()})
-        return static
-
-    def spec(self) -> tuple:
-        """Names, shapes, dtypes and devices of the static buffers: a request must match them to reuse."""
-        return _spec(self.static)
 
     @staticmethod
     def spec_of(job) -> tuple:
-        """The spec a runner for ``job`` would have, without building it."""
-        update = job.update
-        update._ready(job.latents)
-        static = {"latents": job.latents, "plan.coefficients": update.coefficients,
-                  "plan.write_slots": update.write_slots, "plan.history": update.history}
-        static.update({f"job.{k}": v for k, v in job.graph_inputs().items()})
-        return _spec(static)
+        """Names, shapes, dtypes and devices of the buffers a runner for ``job`` has: a request must match a
+        runner's to reuse it."""
+        buffers = sorted(_buffers(job, job.latents).items())
+        return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in buffers)
 
     def load(self, job) -> None:
         """Write ``job``'s values into the static buffers (device copies, no host sync)."""
-        job.update._ready(job.latents)
-        values = {"latents": job.latents, "plan.coefficients": job.update.coefficients,
-                  "plan.write_slots": job.update.write_slots, "plan.history": job.update.history}
-        values.update({f"job.{k}": v for k, v in job.graph_inputs().items()})
-        for name, value in values.items():
+        for name, value in _buffers(job, job.latents).items():
             self.static[name].copy_(value)
 
     def set_scale(self, policy) -> None:
@@ -196,7 +182,11 @@ class StepGraphs:
         return None
 
     def runner_for(self, job, comm, exchange: str) -> tuple[StepRunner, Any]:
-        """A cached runner loaded with ``job``'s values, or a new one; and the cache key (None: not cached)."""
+        """A cached runner loaded with ``job``'s values, or a new one; and the cache key (None: not cached).
+
+        The key: the caller's :attr:`shape_key` (the call's sizes and options, the weights' addresses), the
+        buffers' shapes, what the policy bakes in (:func:`policy_key`), the group size and the exchange.
+        """
         key = None
         if job.graph_inputs is not None:
             key = (self.shape_key, StepRunner.spec_of(job), policy_key(job.policy, exchange, comm.size), comm.size,
