@@ -107,6 +107,23 @@ def branch_forward(transformer, name: str, spec, cache: bool = True, **cache_kwa
         yield extra
 
 
+def batch_groups(names: Sequence[str], batch: bool, key: Callable[[str], Any]) -> list[list[str]]:
+    """``names`` split into the groups that run as one forward each.
+
+    Without ``batch``, one batch-1 forward per branch, whatever rank runs it: that is what makes every
+    cfg_parallel_size give the same bits. With it, branches whose ``key`` is equal (same perturbation, same
+    text shapes) share one batched forward.
+    """
+    groups: list[list[str]] = []
+    for name in names:
+        fits = [g for g in groups if batch and key(g[0]) == key(name)]
+        if fits:
+            fits[0].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 def check_policy_on(policy: GuidancePolicy, *transformers) -> None:
     """Raise if ``policy`` cannot run on these transformers (a perturbation out of range, ...); no model runs."""
     for transformer in transformers:

@@ -28,7 +28,7 @@ from ..guidance import Branch, GuidancePolicy, MultiBranch, Term
 from ..guidance.base import NEGATIVE, PROMPT, Prediction, outputs_of
 from ..guidance.perturb import ForwardKwargs, perturbed
 from ..runtime.job import Job
-from ._common import callback_tensor_inputs, make_step_end, prompt_batch_size
+from ._common import batch_groups, callback_tensor_inputs, make_step_end, prompt_batch_size
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -356,18 +356,9 @@ class LTX2Adapter(Adapter):
             video, audio = x
             t = timesteps[i]
             pipe._current_timestep = t
-            # by default one batch-1 forward per branch, whatever rank runs it: that is what makes every
-            # cfg_parallel_size produce the same bits; batch_branches stacks branches that share a perturbation
             batch = getattr(self, "batch_branches", False) is True
-            groups: list[list[str]] = []
-            for name in names:
-                fits = [g for g in groups if batch and batch_key(g[0]) == batch_key(name)]
-                if fits:
-                    fits[0].append(name)
-                else:
-                    groups.append([name])
             velocities = {}
-            for group in groups:
+            for group in batch_groups(names, batch, batch_key):
                 velocities.update(zip(group, run(group, video, audio, t)))
             # the stock combine works on x0 = x - sigma * v, per modality with its own scheduler's sigma
             return [(pipe.convert_velocity_to_x0(video, velocities[name][0], i, video_scheduler),

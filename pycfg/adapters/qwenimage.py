@@ -17,6 +17,7 @@ from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE
 from ..guidance.perturb import perturbed
 from ..runtime.job import Job
+from ._common import batch_groups
 from .base import Adapter, own_tensor
 
 
@@ -204,17 +205,10 @@ class QwenImageAdapter(Adapter):
             # a tensor step index (CUDA graph replays) selects on device: no host value is baked in
             t = timesteps[i] if isinstance(i, int) else timesteps.index_select(0, i)[0]
             pipe._current_timestep = t
-            groups: list[list[str]] = []
             # read per call: batch_branches="auto" is decided by measurement after prepare()
-            batch_branches = getattr(self, "batch_branches", False) is True
-            for name in names:
-                fits = [g for g in groups if batch_branches and batch_key(g[0]) == batch_key(name)]
-                if fits:
-                    fits[0].append(name)
-                else:
-                    groups.append([name])
+            batch = getattr(self, "batch_branches", False) is True
             preds: dict[str, torch.Tensor] = {}
-            for group in groups:
+            for group in batch_groups(names, batch, batch_key):
                 preds.update(zip(group, run(tuple(group), x, t)))
             return [preds[name] for name in names]
 

@@ -2,7 +2,8 @@
 
 Stock runs ``cat([neg, pos])`` as one batch; pycfg runs ``cond`` and ``uncond`` as separate forwards, so it
 matches stock within fp32 rounding (a batch-2 matmul is not bit-identical to two batch-1 ones) while staying
-bit-identical across cfg_parallel_size. Skip-layer guidance (``skip_guidance_layers``) adds the ``skip`` branch:
+bit-identical across cfg_parallel_size. With ``batch_branches=True`` at cfg_parallel_size 1 they run as stock's
+own ``cat([neg, pos])`` batch instead, giving stock's bits. Skip-layer guidance (``skip_guidance_layers``) adds the ``skip`` branch:
 the cond inputs with ``skip_layers=`` passed to the transformer, inside the stock pipeline's own step window.
 """
 
@@ -17,8 +18,8 @@ from ..guidance import GuidancePolicy, NoGuidance
 from ..guidance.base import COND, NEGATIVE, PROMPT, UNCOND, Branch, Prediction, weighted_sum_fp32
 from ..guidance.perturb import ForwardKwargs
 from ..runtime.job import Job
-from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
-                      prompt_batch_size, reads_negative)
+from ._common import (batch_groups, branch_forward, branch_specs, callback_tensor_inputs, check_policy_on,
+                      make_step_end, prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -215,22 +216,36 @@ class StableDiffusion3Adapter(Adapter):
         def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
             # a tensor step index (CUDA graph replays) selects on device: no host value is baked in
             t = timesteps[i] if isinstance(i, int) else timesteps.index_select(0, i)[0]
-            timestep = t.expand(x.shape[0])
-            preds = []
-            for name in names:
-                spec = specs[name]
-                prompt_embeds, pooled_embeds = original if spec.perturbation is not None else text[spec.source]
-                with branch_forward(transformer, name, spec, cache=False) as extra:
-                    preds.append(transformer(
-                        hidden_states=x,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        pooled_projections=pooled_embeds,
+            # read per call: batch_branches="auto" is decided by measurement after prepare()
+            batch = getattr(self, "batch_branches", False) is True
+            preds: dict[str, torch.Tensor] = {}
+            for group in batch_groups(names, batch, batch_key):
+                # stock's batch order, cat([neg, pos]): a batched cond + uncond forward is stock's own
+                group = sorted(group, key=lambda m: specs[m].source != NEGATIVE)
+                n, spec = len(group), specs[group[0]]
+                texts = [branch_text(m) for m in group]
+                hidden = x if n == 1 else torch.cat([x] * n)
+                with branch_forward(transformer, "+".join(group), spec, cache=False) as extra:
+                    out = transformer(
+                        hidden_states=hidden,
+                        timestep=t.expand(hidden.shape[0]),
+                        encoder_hidden_states=texts[0][0] if n == 1 else torch.cat([e for e, _ in texts]),
+                        pooled_projections=texts[0][1] if n == 1 else torch.cat([p for _, p in texts]),
                         joint_attention_kwargs=pipe._joint_attention_kwargs,
                         return_dict=False,
                         **extra,
-                    )[0])
-            return preds
+                    )[0]
+                preds.update(zip(group, out.chunk(n)))
+            return [preds[name] for name in names]
+
+        def branch_text(name: str):
+            spec = specs[name]
+            return original if spec.perturbation is not None else text[spec.source]
+
+        def batch_key(name: str):
+            # branches batch together when their forwards differ only in same-shape text inputs
+            embeds, pooled = branch_text(name)
+            return (specs[name].perturbation, tuple(embeds.shape), tuple(pooled.shape))
 
         cfg_request = needs_negative
 

@@ -16,8 +16,8 @@ import torch
 from ..guidance import GuidancePolicy, NoGuidance
 from ..runtime.job import Job
 from ..guidance.base import NEGATIVE, PROMPT
-from ._common import (StepScaledCFG, branch_forward, branch_specs, callback_tensor_inputs, check_policy_on,
-                      make_step_end, prompt_batch_size, reads_negative)
+from ._common import (StepScaledCFG, batch_groups, branch_forward, branch_specs, callback_tensor_inputs,
+                      check_policy_on, make_step_end, prompt_batch_size, reads_negative)
 from .base import Adapter, own_tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -164,24 +164,34 @@ class WanAdapter(Adapter):
                 cache_kwargs = {"num_inference_steps": len(timesteps)}
             pipe._current_timestep = t
             model_input = x.to(transformer_dtype)
-            if pipe.config.expand_timesteps:
-                temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()
-                timestep = temp_ts.unsqueeze(0).expand(x.shape[0], -1)
-            else:
-                timestep = t.expand(x.shape[0])
-            preds = []
-            for name in names:
-                spec = specs[name]
-                with branch_forward(model, name, spec, **cache_kwargs) as extra:
-                    preds.append(model(
-                        hidden_states=model_input,
+            # read per call: batch_branches="auto" is decided by measurement after prepare()
+            batch = getattr(self, "batch_branches", False) is True
+            preds: dict[str, torch.Tensor] = {}
+            for group in batch_groups(names, batch, batch_key):
+                n, spec = len(group), specs[group[0]]
+                hidden = model_input if n == 1 else torch.cat([model_input] * n)
+                embeds = text[spec.source] if n == 1 else torch.cat([text[specs[m].source] for m in group])
+                if pipe.config.expand_timesteps:
+                    temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()
+                    timestep = temp_ts.unsqueeze(0).expand(hidden.shape[0], -1)
+                else:
+                    timestep = t.expand(hidden.shape[0])
+                with branch_forward(model, "+".join(group), spec, **cache_kwargs) as extra:
+                    out = model(
+                        hidden_states=hidden,
                         timestep=timestep,
-                        encoder_hidden_states=text[spec.source],
+                        encoder_hidden_states=embeds,
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
                         **extra,
-                    )[0])
-            return preds
+                    )[0]
+                preds.update(zip(group, out.chunk(n)))
+            return [preds[name] for name in names]
+
+        def batch_key(name: str):
+            # branches batch together when their forwards differ only in same-shape text inputs
+            spec = specs[name]
+            return (spec.perturbation, tuple(text[spec.source].shape))
 
         def apply(outputs):
             if "prompt_embeds" in outputs:
