@@ -444,10 +444,6 @@ class GpuBench:
         a = self.args
         batch = {"auto": "auto", "on": True, "off": False}[a.batch_branches]
         notes = {}
-        if self.family != "qwenimage" and batch is not False:
-            # its forward runs every branch separately: a measured choice would pick between two equal things
-            notes["batch_branches"] = f"off: the {type(self.pipe).__name__} adapter runs branches as separate forwards"
-            batch = False
         guidance = None
         if self.family != "qwenimage" and a.pycfg_guidance == "cfg":
             # the pipeline's own combine (u + s (c - u)) under the policy that whole-step graphs can replay
