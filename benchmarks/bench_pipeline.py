@@ -156,9 +156,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompt and negative prompt tokens (default: the model's encoder length)")
     parser.add_argument("--device", default=None,
                         help="GPU mode: cuda when available, else cpu (a smoke run with --layers 1 and small sizes)")
-    parser.add_argument("--pycfg-guidance", choices=["cfg", "pipeline"], default="cfg",
-                        help="GPU mode, Wan / SD3: pycfg runs pycfg.guidance.CFG with the pipeline's scale (the "
-                             "same combine; whole-step CUDA graphs replay it) or the adapter's default policy")
     parser.add_argument("--cfg-parallel-size", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-graphs", action="store_true")
@@ -439,21 +436,13 @@ class GpuBench:
 
     def pycfg(self) -> dict:
         import pycfg
-        from pycfg.guidance import CFG
 
         a = self.args
         batch = {"auto": "auto", "on": True, "off": False}[a.batch_branches]
-        notes = {}
-        guidance = None
-        if self.family != "qwenimage" and a.pycfg_guidance == "cfg":
-            # the pipeline's own combine (u + s (c - u)) under the policy that whole-step graphs can replay
-            guidance = CFG(self.guidance_scale)
-            default = {"wan": "StepScaledCFG", "sd3": "SD3Guidance"}[self.family]
-            notes["guidance"] = (f"{guidance.describe()}: the pipeline's arithmetic; the adapter's default policy "
-                                 f"({default}) is not one the step graphs replay")
+        # the pipeline's own guidance, chosen by the adapter from the call's arguments, as a drop-in user gets it
         fast = pycfg.compile(self.pipe, cfg_parallel_size=1, exchange=a.exchange, fused=False if a.no_fused else None,
                              compile_transformer=False if a.no_compile else "regional",
-                             cuda_graphs=False if a.no_graphs else None, batch_branches=batch, guidance=guidance)
+                             cuda_graphs=False if a.no_graphs else None, batch_branches=batch)
         warm = {k: v for k, v in self.inputs.items() if k != "output_type"}
         times = fast.warmup(**warm, num_inference_steps=3)
         if fast.step_graphs is not None:
@@ -463,7 +452,6 @@ class GpuBench:
         info = fast.describe()
         out.update(compile_cold_s=times["cold_s"], compile_warm_s=times["warm_s"], describe=_jsonable(info))
         out["graphs"] = self._graphs(fast)
-        out["notes"] = notes
         batched = any(c.get("batched") for c in fast.batch_choices.values())
         out["batched"] = batched
         out["forward_b1_s"] = self.forward_s(1)
@@ -550,8 +538,6 @@ def gpu_main(args) -> int:
                 "batch_branches": args.batch_branches}
     if args.frames:
         settings["frames"] = args.frames
-    if bench.family != "qwenimage":
-        settings["pycfg_guidance"] = args.pycfg_guidance
     report = {
         "benchmark": "bench_pipeline (GPU)",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

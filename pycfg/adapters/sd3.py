@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..guidance import GuidancePolicy, NoGuidance
+from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import COND, NEGATIVE, PROMPT, UNCOND, Branch, Prediction, weighted_sum_fp32
 from ..guidance.perturb import ForwardKwargs
 from ..runtime.job import Job
@@ -201,6 +201,9 @@ class StableDiffusion3Adapter(Adapter):
 
         if policy is not None:
             policy = copy.deepcopy(policy)
+        elif default_cfg and a["skip_guidance_layers"] is None:
+            # stock's combine is plain CFG's, u + w (c - u): the policy the fused kernel and step graphs take
+            policy = CFG(a["guidance_scale"])
         elif default_cfg:
             policy = SD3Guidance(a["guidance_scale"], a["skip_guidance_layers"], a["skip_layer_guidance_scale"],
                                  a["skip_layer_guidance_start"], a["skip_layer_guidance_stop"], n_steps)

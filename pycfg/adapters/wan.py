@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..guidance import GuidancePolicy, NoGuidance
+from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..runtime.job import Job
 from ..guidance.base import NEGATIVE, PROMPT
 from ._common import (StepScaledCFG, batch_groups, branch_forward, branch_specs, callback_tensor_inputs,
@@ -139,6 +139,9 @@ class WanAdapter(Adapter):
 
         if policy is not None:
             policy = copy.deepcopy(policy)
+        elif default_cfg and boundary_timestep is None:
+            # one expert, one scale: stock's combine is plain CFG's, which the fused kernel and step graphs take
+            policy = CFG(guidance_scale)
         elif default_cfg:
             policy = StepScaledCFG([guidance_scale if first else guidance_scale_2 for first in first_expert])
         else:
