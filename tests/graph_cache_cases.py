@@ -57,3 +57,22 @@ def cached_requests(rank: int, world: int, exchange: str) -> dict:
                       generator=torch.Generator().manual_seed(0)).images for runner in (plain, cached)]
     return {"results": results, "stats": before, "after_swap": cached.step_graphs.describe(),
             "swapped_equal": torch.equal(*swapped)}
+
+
+def family_requests(rank: int, world: int, family: str) -> dict:
+    """Two requests of one shape (other seed, texts and scale) through a cached runner and the plain fused loop,
+    with the pipeline's default guidance."""
+    from pycfg import tiny
+
+    pipe = getattr(tiny, f"{family}_pipeline")()
+    make_inputs = getattr(tiny, f"{family}_inputs")
+    output = "frames" if family == "wan" else "images"
+    plain = pycfg.compile(pipe, cfg_parallel_size=world, fused=True)
+    cached = pycfg.compile(pipe, cfg_parallel_size=world, fused=True)
+    cached.step_graphs = StepGraphs("cpu", capture=False)
+    pairs = []
+    for seed, scale in ((0, 5.0), (1, 3.0)):
+        call = dict(make_inputs(seed=seed), guidance_scale=scale, num_inference_steps=3, output_type="latent")
+        pairs.append([getattr(runner(**call, generator=torch.Generator().manual_seed(seed)), output)
+                      for runner in (plain, cached)])
+    return {"pairs": pairs, "stats": cached.step_graphs.describe()}

@@ -71,3 +71,12 @@ def test_own_tensor_copies_what_shares_the_callers_memory():
     assert copied is not view and torch.equal(copied, view)
     assert own_tensor(view, [mine, theirs]) is not view
     assert own_tensor(None, theirs) is None
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_cached_steps_other_families(family):
+    (out,) = run_world(graph_cache_cases.family_requests, 1, family=family)
+    assert out["stats"]["last_fallback"] is None and out["stats"]["reused"] == 1, out["stats"]
+    for plain, cached in out["pairs"]:
+        assert torch.equal(cached, plain)
+    assert not torch.equal(out["pairs"][0][1], out["pairs"][1][1])
