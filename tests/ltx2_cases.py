@@ -12,6 +12,8 @@ import torch
 import pycfg
 from pycfg.tiny import ltx2_inputs, ltx2_pipeline
 
+from helpers import ForwardCounter
+
 STEPS = 3
 STG_BLOCKS = [1]
 
@@ -56,21 +58,10 @@ def call(f, name: str, output_type: str = "latent", **extra):
     return out.frames, out.audio
 
 
-class ForwardCounter:
-    """Counts transformer forwards with a forward hook (no change to the model or the runtime)."""
-
-    def __init__(self, transformer) -> None:
-        self.count = 0
-        transformer.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output) -> None:
-        self.count += 1
-
-
 def measured(f, counter: ForwardCounter, name: str, **extra) -> dict:
-    calls, forwards = f.comm.calls, counter.count
+    calls, forwards = f.comm.calls, counter.calls
     video, audio = call(f, name, **extra)
-    return {"video": video, "audio": audio, "collectives": f.comm.calls - calls, "forwards": counter.count - forwards}
+    return {"video": video, "audio": audio, "collectives": f.comm.calls - calls, "forwards": counter.calls - forwards}
 
 
 def world(rank: int, world: int, decoded: bool = False, reduce: bool = False) -> dict:

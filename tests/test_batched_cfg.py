@@ -11,18 +11,7 @@ import torch
 import pycfg
 from pycfg import tiny
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-class ForwardCounter:
-    def __init__(self, module):
-        self.calls = 0
-        module.register_forward_pre_hook(self._count)
-
-    def _count(self, *args):
-        self.calls += 1
+from helpers import ForwardCounter, rel_err
 
 
 def test_sd3_batched_is_the_stock_forward():

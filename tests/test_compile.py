@@ -12,23 +12,12 @@ import torch
 import pycfg
 from pycfg.tiny import qwenimage_inputs, qwenimage_pipeline
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+from helpers import ForwardCounter, rel_err
 
 
 def run(runner, steps=2, scale=4.0, **inputs):
     return runner(**inputs, true_cfg_scale=scale, num_inference_steps=steps, output_type="latent",
                   generator=torch.Generator().manual_seed(0)).images
-
-
-class ForwardCounter:
-    def __init__(self, module):
-        self.calls = 0
-        module.register_forward_pre_hook(self._count)
-
-    def _count(self, *args):
-        self.calls += 1
 
 
 def test_options_are_checked():

@@ -80,6 +80,24 @@ class Exchange:
         return policy.reduce_finish(summed, i, like)
 
 
+def step_inputs(job: Job, comm, xchg: Exchange, active: tuple[str, ...], latents, step, i: int, exchange: str,
+                finish: bool):
+    """What this step's combine takes, on every rank: the active branches' predictions by name, or with
+    ``exchange="reduce"`` the reduced terms (combined by the policy unless not ``finish``).
+
+    Every rank runs the forwards dispatched to it (all of them in a group of one or a single-branch step, none on
+    an idle rank), then one collective. ``step`` is the step as ``forward`` takes it: ``i``, or a device index.
+    """
+    if comm.size == 1 or len(active) == 1:
+        return dict(zip(active, job.forward(active, latents, step)))
+    plan = dispatch_branches(active, comm.size)
+    mine = plan[comm.rank]
+    local = job.forward(mine, latents, step) if mine else []
+    if exchange == "gather":
+        return xchg.gather(plan, local)
+    return xchg.reduce(job.policy, dict(zip(mine, local)), i, finish=finish)
+
+
 def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool = False,
             step_graphs=None) -> tuple[Any, list[float]]:
     """Run the loop on this rank; returns the final latents and the wall time of each step (seconds).
@@ -93,7 +111,7 @@ def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool
             return done
     policy = job.policy
     policy.reset(job.num_steps)
-    size, rank = comm.size, comm.rank
+    rank = comm.rank
     xchg = Exchange(comm, job.prediction_spec, job.device)
     latents = job.latents
     # an update with fused_step takes the branch predictions (or reduced terms) and does combine + update
@@ -105,17 +123,7 @@ def denoise(job: Job, comm, *, exchange: str = "gather", check_consistency: bool
                 continue
             t0 = time.perf_counter()
             active = policy.active(i)
-            if size == 1 or len(active) == 1:
-                # every rank runs every active branch: a group of one, or a single-branch step (no collective)
-                inputs = dict(zip(active, job.forward(active, latents, i)))
-            else:
-                plan = dispatch_branches(active, size)
-                mine = plan[rank]
-                local = job.forward(mine, latents, i) if mine else []
-                if exchange == "gather":
-                    inputs = xchg.gather(plan, local)
-                else:
-                    inputs = xchg.reduce(policy, dict(zip(mine, local)), i, finish=fused_step is None)
+            inputs = step_inputs(job, comm, xchg, active, latents, i, i, exchange, finish=fused_step is None)
             if fused_step is not None:
                 latents = fused_step(inputs, policy, i, latents)
             else:

@@ -33,8 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..parallel.dispatch import dispatch_branches
-from .denoise import Exchange
+from .denoise import Exchange, step_inputs
 
 #: communicators whose collectives can be captured (torch.distributed's NCCL watchdog is not graph-aware)
 CAPTURABLE_COMMS = ("local", "nccl-ext")
@@ -75,7 +74,6 @@ class StepRunner:
 
     def __init__(self, job, comm, exchange: str) -> None:
         update, policy = job.update, job.policy
-        size, rank = comm.size, comm.rank
         x = job.latents if job.latents.is_contiguous() else job.latents.contiguous()
         self.static = _buffers(job, x)
         self.x = x
@@ -91,17 +89,8 @@ class StepRunner:
         def step(active: tuple[str, ...], i: int) -> None:
             torch.index_select(table, 0, index, out=row)
             torch.index_select(slots, 0, index, out=slot_row)
-            if size == 1 or len(active) == 1:
-                inputs = dict(zip(active, job.forward(active, x, index)))
-            else:
-                plan = dispatch_branches(active, size)
-                mine = plan[rank]
-                local = job.forward(mine, x, index) if mine else []
-                if exchange == "gather":
-                    inputs = xchg.gather(plan, local)
-                else:
-                    # i only picks the policy's weights, the same for every step of this active set
-                    inputs = xchg.reduce(policy, dict(zip(mine, local)), i, finish=False)
+            # i only picks the reduce path's policy weights, the same at every step of this active set
+            inputs = step_inputs(job, comm, xchg, active, x, index, i, exchange, finish=False)
             out = update.fused_step(inputs, policy, 0, x)
             if out is not x:
                 x.copy_(out)
