@@ -48,8 +48,9 @@ def _policy_ok(policy) -> bool:
 
 
 def policy_key(policy, exchange: str, size: int) -> tuple:
-    """What of a policy a captured step bakes in: its kind and options, and the scale itself only where a
-    collective applies it as a host number (the weighted all-reduce); elsewhere the scale is read on device."""
+    """What of a policy a captured step bakes in: its kind and options, and the scale itself only where it is a
+    host number in the step (the reduce exchange weights each rank's prediction before the all-reduce);
+    elsewhere the fused kernel reads the scale on device."""
     from ..guidance.cfg import CFG
 
     if type(policy) is not CFG:
