@@ -80,3 +80,21 @@ def test_cached_steps_other_families(family):
     for plain, cached in out["pairs"]:
         assert torch.equal(cached, plain)
     assert not torch.equal(out["pairs"][0][1], out["pairs"][1][1])
+
+
+def test_graph_key_keeps_what_a_capture_bakes_in():
+    from pycfg.adapters.qwenimage import QwenImageAdapter
+    from pycfg.api import _graph_key
+
+    base = dict(prompt="a cat", true_cfg_scale=4.0, height=64, attention_kwargs={"scale": 0.5},
+                prompt_embeds=torch.zeros(1, 7, 8))
+
+    def key(**changes):
+        return _graph_key({**base, **changes}, QwenImageAdapter)
+
+    # values that reach the steps through the static buffers (or not at all) share a key
+    assert key(prompt="a dog", true_cfg_scale=2.0, prompt_embeds=torch.ones(1, 7, 8), output_type="np") == key(
+        output_type="np")
+    assert key(height=128) != key()
+    assert key(attention_kwargs={"scale": 0.7}) != key()  # a host number inside the forward
+    assert key(prompt_embeds=torch.zeros(1, 9, 8)) != key()  # another text length, other shapes
