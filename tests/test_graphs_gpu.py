@@ -1,7 +1,8 @@
 """Whole-step CUDA graphs and compiled forwards on a GPU (tier ``gpu``; skipped without CUDA).
 
 Graph replays must give the eager fused loop's results, never sync with the host, and be reused by later requests
-of the same shape with their own inputs and guidance scale; the compiled + graphed + batched path must stay close to the stock pipeline.
+of the same shape with their own inputs and guidance scale; the compiled + graphed + batched path must stay close
+to the stock pipeline.
 """
 
 from __future__ import annotations

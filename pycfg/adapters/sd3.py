@@ -3,8 +3,9 @@
 Stock runs ``cat([neg, pos])`` as one batch; pycfg runs ``cond`` and ``uncond`` as separate forwards, so it
 matches stock within fp32 rounding (a batch-2 matmul is not bit-identical to two batch-1 ones) while staying
 bit-identical across cfg_parallel_size. With ``batch_branches=True`` at cfg_parallel_size 1 they run as stock's
-own ``cat([neg, pos])`` batch instead, giving stock's bits. Skip-layer guidance (``skip_guidance_layers``) adds the ``skip`` branch:
-the cond inputs with ``skip_layers=`` passed to the transformer, inside the stock pipeline's own step window.
+own ``cat([neg, pos])`` batch instead, giving stock's bits. Skip-layer guidance (``skip_guidance_layers``) adds
+the ``skip`` branch: the cond inputs with ``skip_layers=`` passed to the transformer, inside the stock
+pipeline's own step window.
 """
 
 from __future__ import annotations
