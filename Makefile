@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test lint setup bench clean
 
 $(VENV)/.ready: pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: $(VENV)/.ready
 
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.ready
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_pipeline.py

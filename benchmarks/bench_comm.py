@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -151,10 +152,10 @@ def main() -> None:
         gathered = torch.empty((world, n), device="cuda")
         w = torch.full((1,), 0.5, device="cuda")
         cases = {
-            "all_reduce": (lambda: comm.all_reduce_(x), lambda: dist.all_reduce(x)),
-            "weighted_all_reduce": (lambda: comm.weighted_all_reduce_(x, w), None),
-            "all_gather": (lambda: comm.all_gather_into(gathered, x),
-                           lambda: dist.all_gather_into_tensor(gathered, x)),
+            "all_reduce": (partial(comm.all_reduce_, x), partial(dist.all_reduce, x)),
+            "weighted_all_reduce": (partial(comm.weighted_all_reduce_, x, w), None),
+            "all_gather": (partial(comm.all_gather_into, gathered, x),
+                           partial(dist.all_gather_into_tensor, gathered, x)),
         }
         iters = args.iters if nbytes <= (1 << 22) else max(5, args.iters // 5)
         for op, (ext_fn, torch_fn) in cases.items():
@@ -162,8 +163,9 @@ def main() -> None:
                 if fn is None:
                     continue
                 row = {"op": op, "comm": name, "bytes": nbytes}
-                for mode, timer in (("eager", lambda: time_eager(fn, iters)),
-                                    ("graph", lambda: time_graph(fn, args.chain if nbytes <= (1 << 22) else 5))):
+                chain = args.chain if nbytes <= (1 << 22) else 5
+                timers = (("eager", partial(time_eager, fn, iters)), ("graph", partial(time_graph, fn, chain)))
+                for mode, timer in timers:
                     try:
                         row[f"{mode}_us"] = timer()
                     except Exception as err:  # keep the other measurements; the JSON says what failed

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import time
+from functools import partial
 
 import torch
 
@@ -102,9 +103,7 @@ def bench_sizes(device, timed, fn, dtype, sizes_mib, iters):
         coef = plan.coefficients.to(device, torch.float32).contiguous()
         slots = plan.write_slots.to(device)
 
-        def go():
-            fn(x, c, u, hist, coef, slots, step, scale=4.0, renorm=True)
-
+        go = partial(fn, x, c, u, hist, coef, slots, step, scale=4.0, renorm=True)
         seconds = timed(go, iters)
         nbytes = update_bytes(plan, step, x.numel(), x.element_size(), x.element_size(), 2)
         row = dict(latent_mib=mib, numel=x.numel(), seconds=seconds, bytes=nbytes,
@@ -163,7 +162,6 @@ def main() -> None:
                   torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if device.type == "cuda":
         import triton
-
         from pycfg.kernels.fused_update import fused_guided_update as fn
 
         result["engine"] = f"triton {triton.__version__} kernel"

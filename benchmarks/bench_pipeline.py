@@ -252,8 +252,12 @@ def _build(cls, cfg: dict, dtype: torch.dtype, device: str):
 
 
 def _qwen_pipeline(spec: dict, cfg: dict, dtype: torch.dtype, device: str):
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
 
     transformer = _build(QwenImageTransformer2DModel, cfg, dtype, device)
     # a small VAE with the real one's latent channels and 8x scale factor: only its config is read (latent output)
@@ -276,7 +280,12 @@ def _wan_pipeline(spec: dict, cfg: dict, dtype: torch.dtype, device: str):
 
 
 def _sd3_pipeline(spec: dict, cfg: dict, dtype: torch.dtype, device: str):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     transformer = _build(SD3Transformer2DModel, cfg, dtype, device)
     # 16 latent channels and four blocks (8x scale), as the real VAE, at a tiny width: only its config is read

@@ -14,7 +14,8 @@ from .adapters import find_adapter
 from .guidance import GuidancePolicy
 from .parallel.comm import make_comm
 from .parallel.groups import form_cfg_group
-from .runtime.compiled import check_compile_option, choose_batching, compile_transformer as _compile_transformer
+from .runtime.compiled import check_compile_option, choose_batching
+from .runtime.compiled import compile_transformer as _compile_transformer
 from .runtime.consistency import check_same_arguments, describe_value
 from .runtime.denoise import denoise
 from .schedulers import NOISE_SOURCES
@@ -229,8 +230,9 @@ def compile(
         exchange: ``"gather"`` (all-gather the branch predictions, combine on every rank: bit-identical to the
             sequential pipeline) or ``"reduce"`` (one fp32 weighted all-reduce; linear policies only).
         fused: run combine + scheduler update as one fused kernel. ``None``: the Triton kernel on CUDA, the
-            scheduler's own ``step()`` elsewhere (bit-identical to the stock pipeline); ``True``: always the kernel (on CPU in Triton's interpreter, TRITON_INTERPRET=1);
-            ``False``: always ``step()``. Schedulers without a coefficient table use ``step()`` in any case.
+            scheduler's own ``step()`` elsewhere (bit-identical to the stock pipeline); ``True``: always the
+            kernel (on CPU in Triton's interpreter, TRITON_INTERPRET=1); ``False``: always ``step()``.
+            Schedulers without a coefficient table use ``step()`` in any case.
         check_consistency: after every step, verify with a checksum collective that all ranks hold identical
             latents and solver state; raise naming the step and tensor if not.
         timeout: seconds after which a collective that a failed or dead peer never joins raises.

@@ -123,6 +123,7 @@ def environment() -> dict:
     import torch
 
     import pycfg
+
     from .parallel import nccl
 
     info: dict = {

@@ -48,6 +48,7 @@ def _run(pipe_or_fast, config: str, steps: int, seed: int):
 
 def _rank_main(rank: int, world: int, config: str, steps: int, seed: int) -> dict:
     import pycfg
+
     from .tiny import qwenimage_pipeline
 
     fast = pycfg.compile(qwenimage_pipeline(config), cfg_parallel_size=world)

@@ -6,19 +6,10 @@ import os
 import time
 
 import torch
+from helpers import make_scheduler
 
 import pycfg
 from pycfg.tiny import qwenimage_inputs, qwenimage_pipeline
-
-
-def make_scheduler(name: str):
-    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-
-    if name == "euler":
-        return FlowMatchEulerDiscreteScheduler()
-    if name == "unipc":
-        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)
-    raise ValueError(name)
 
 
 def call(f, inputs, steps, seed=0, **kwargs):

@@ -12,23 +12,10 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import make_scheduler  # noqa: E402
+
 import pycfg  # noqa: E402
 from pycfg.tiny import qwenimage_inputs, qwenimage_pipeline  # noqa: E402
-
-
-def make_scheduler(name: str):
-    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-
-    if name == "unipc":
-        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)
-    if name == "flow-stochastic":
-        return FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-    if name == "dpm++2m":
-        return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)
-    if name == "sde-dpm++2m":
-        return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                           algorithm_type="sde-dpmsolver++")
-    raise ValueError(name)
 
 
 def qwen_runs(rank: int, world: int, scheduler: str, runs: list[dict]) -> list:

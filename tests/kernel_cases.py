@@ -13,11 +13,15 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       UniPCMultistepScheduler)
-
+from diffusers import (  # noqa: E402
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from pycfg.kernels.fused_update import fused_guided_update  # noqa: E402
 from pycfg.kernels.fused_update_ref import fused_guided_update_ref  # noqa: E402
+
 from pycfg.schedulers import build_plan, philox_randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

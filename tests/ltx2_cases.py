@@ -8,11 +8,10 @@ rank ran.
 from __future__ import annotations
 
 import torch
+from helpers import ForwardCounter
 
 import pycfg
 from pycfg.tiny import ltx2_inputs, ltx2_pipeline
-
-from helpers import ForwardCounter
 
 STEPS = 3
 STG_BLOCKS = [1]

@@ -12,28 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from helpers import make_scheduler
 
 import pycfg
 import pycfg.tiny as tiny
-
-
-def make_scheduler(name: str | None):
-    import diffusers
-
-    if name is None:
-        return None
-    if name == "euler":
-        return diffusers.FlowMatchEulerDiscreteScheduler()
-    if name == "euler_shift3":
-        return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    if name == "unipc":
-        return diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                 flow_shift=3.0)
-    if name == "cogvideox_ddim":
-        return diffusers.CogVideoXDDIMScheduler()
-    if name == "cogvideox_dpm":
-        return diffusers.CogVideoXDPMScheduler()
-    raise ValueError(name)
 
 
 def nudge(pipe, i, t, tensors: dict) -> dict:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import test_adapters_cases as cases
 
 from pycfg._launch import run_world
-
-import test_adapters_cases as cases
 
 BASE = dict(pipeline="hunyuanvideo_pipeline", inputs="hunyuanvideo_inputs")
 SCENARIOS = [

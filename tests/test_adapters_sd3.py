@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import test_adapters_cases as cases
 
 from pycfg._launch import run_world
 from pycfg.adapters.sd3 import SD3Guidance
-
-import test_adapters_cases as cases
 
 BASE = dict(pipeline="sd3_pipeline", inputs="sd3_inputs")
 SLG = dict(skip_guidance_layers=[1], skip_layer_guidance_scale=2.5)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import test_adapters_cases as cases
 
 from pycfg._launch import run_world
-
-import test_adapters_cases as cases
 
 WAN21 = dict(pipeline="wan_pipeline", inputs="wan_inputs")
 WAN22 = dict(WAN21, pipeline_kwargs=dict(two_experts=True))
 SCENARIOS = [
     dict(WAN21, name="wan21_euler", call=dict(guidance_scale=5.0, num_inference_steps=4)),
-    dict(WAN21, name="wan21_unipc", scheduler="unipc", call=dict(guidance_scale=5.0, num_inference_steps=5)),
+    dict(WAN21, name="wan21_unipc", scheduler="unipc_shift3", call=dict(guidance_scale=5.0, num_inference_steps=5)),
     # boundary 0.875 with shift 3 at 4 steps: the first steps on transformer, the rest on transformer_2
     dict(WAN22, name="wan22_euler", call=dict(guidance_scale=4.0, guidance_scale_2=2.0, num_inference_steps=4)),
-    dict(WAN22, name="wan22_unipc", scheduler="unipc",
+    dict(WAN22, name="wan22_unipc", scheduler="unipc_shift3",
          call=dict(guidance_scale=4.0, guidance_scale_2=3.0, num_inference_steps=5)),
     dict(WAN22, name="wan22_same_scales", call=dict(guidance_scale=4.0, guidance_scale_2=4.0,
                                                     num_inference_steps=4)),

@@ -7,11 +7,10 @@ stock's bits. Wan's stock loop runs two forwards; batched pycfg runs one, within
 from __future__ import annotations
 
 import torch
+from helpers import ForwardCounter, rel_err
 
 import pycfg
 from pycfg import tiny
-
-from helpers import ForwardCounter, rel_err
 
 
 def test_sd3_batched_is_the_stock_forward():

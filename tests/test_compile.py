@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ForwardCounter, rel_err
 
 import pycfg
 from pycfg.tiny import qwenimage_inputs, qwenimage_pipeline
-
-from helpers import ForwardCounter, rel_err
 
 
 def run(runner, steps=2, scale=4.0, **inputs):

@@ -6,6 +6,7 @@ scenario; the tests below assert on what each rank returned.
 
 from __future__ import annotations
 
+import core_cases
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,6 @@ import torch
 import pycfg
 from pycfg._launch import run_world
 from pycfg.tiny import qwenimage_inputs, qwenimage_pipeline
-
-import core_cases
 
 STEPS = (4, 8, 20)
 SCHEDULERS = ("euler", "unipc")
@@ -65,8 +64,8 @@ def test_reduce_close_to_gather(world2, sched):
     assert torch.equal(world2[0][("reduce", sched, 8)], world2[1][("reduce", sched, 8)])
 
 
-VARIANTS = ("string_prompts", "batch2", "images_per_prompt", "guidance_off_scale", "guidance_off_no_negative", "custom_sigmas",
-            "padded_mask", "user_latents", "callback", "output_np", "output_pt", "output_pil")
+VARIANTS = ("string_prompts", "batch2", "images_per_prompt", "guidance_off_scale", "guidance_off_no_negative",
+            "custom_sigmas", "padded_mask", "user_latents", "callback", "output_np", "output_pt", "output_pil")
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -105,13 +104,15 @@ def test_caller_objects_unchanged(variants):
 
 
 def test_bad_input_raises_clearly(variants):
-    for rank, res in enumerate(variants):
+    for res in variants:
         errors = res["errors"]
-        assert errors["size_too_large"][0] == "ValueError" and "larger than the world size 2" in errors["size_too_large"][1]
+        assert errors["size_too_large"][0] == "ValueError"
+        assert "larger than the world size 2" in errors["size_too_large"][1]
         assert errors["exchange"][0] == "ValueError" and "'gather', 'reduce'" in errors["exchange"][1]
         assert errors["size_zero"][0] == "ValueError" and "cfg_parallel_size" in errors["size_zero"][1]
         assert errors["unknown_argument"][0] == "TypeError" and "colour" in errors["unknown_argument"][1]
-        assert errors["pipeline_check_inputs"][0] == "ValueError" and "max_sequence_length" in errors["pipeline_check_inputs"][1]
+        assert errors["pipeline_check_inputs"][0] == "ValueError"
+        assert "max_sequence_length" in errors["pipeline_check_inputs"][1]
         assert errors["mismatched_steps"][0] == "ArgumentMismatchError", errors["mismatched_steps"]
         assert "num_inference_steps" in errors["mismatched_steps"][1]
         assert errors["mismatched_seed"][0] == "ArgumentMismatchError" and "generator" in errors["mismatched_seed"][1]

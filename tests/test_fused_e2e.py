@@ -1,12 +1,11 @@
 """The fused update end to end at P=2 (gloo, real processes): rank consistency, parity with stock, noise."""
 
+import fused_cases
 import pytest
 import torch
+from fused_cases import make_scheduler
 
 from pycfg._launch import run_world
-
-import fused_cases
-from fused_cases import make_scheduler
 
 
 def relative(a, b):

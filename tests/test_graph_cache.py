@@ -6,6 +6,7 @@ static buffers, cache keys and loading as with CUDA graphs, with the graph recor
 fused loop, so every value a request brings must reach the step through the static buffers.
 """
 
+import graph_cache_cases
 import pytest
 import torch
 
@@ -13,8 +14,6 @@ from pycfg._launch import run_world
 from pycfg.adapters.base import own_tensor
 from pycfg.guidance import CFG, NoGuidance
 from pycfg.runtime.graphs import policy_key
-
-import graph_cache_cases
 
 
 def check_results(out: dict) -> None:

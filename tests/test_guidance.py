@@ -7,9 +7,6 @@ import math
 
 import pytest
 import torch
-
-import pycfg
-import pycfg.guidance as g
 from diffusers.guiders import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
@@ -19,6 +16,9 @@ from diffusers.guiders import (
 )
 from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
 from diffusers.guiders.ltx2_guidance import LTX2Guidance
+
+import pycfg
+import pycfg.guidance as g
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # the guiders warn that they are experimental
 

@@ -6,16 +6,15 @@ that runs every scenario (see ltx2_cases.py) with per-step rank-consistency chec
 
 from __future__ import annotations
 
+import ltx2_cases as cases
 import pytest
 import torch
+from ltx2_cases import SCENARIOS, STEPS
 
 import pycfg
 from pycfg._launch import run_world
 from pycfg.parallel.dispatch import dispatch_branches
 from pycfg.tiny import ltx2_inputs, ltx2_pipeline
-
-import ltx2_cases as cases
-from ltx2_cases import SCENARIOS, STEPS
 
 SIZES = (2, 3, 4)
 

@@ -134,7 +134,8 @@ def test_pure_python_install_has_no_extension(tmp_path):
     env = dict(os.environ, PYCFG_NO_EXT="1")
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(tmp_path),
+         str(ROOT)],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,13 +6,26 @@ import sys
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler,
-                       UniPCMultistepScheduler)
-
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from pycfg.kernels.fused_update_ref import apply_row
-from pycfg.schedulers import (PlanUpdate, SchedulerStep, UnsupportedScheduler, build_plan, make_scheduler_update,
-                              philox_randn)
+
+from pycfg.schedulers import (
+    PlanUpdate,
+    SchedulerStep,
+    UnsupportedScheduler,
+    build_plan,
+    make_scheduler_update,
+    philox_randn,
+)
 
 SEED = 1234
 
@@ -121,8 +134,8 @@ def test_history_slots_reused():
      "algorithm_type"),
     (lambda: EulerDiscreteScheduler(), {"s_churn": 1.0}, "s_churn"),
     (lambda: HeunDiscreteScheduler(), {}, "no coefficient table"),
-    # step() itself fails (singular system) at the last step: it is left to fail the same way
-    (lambda: UniPCMultistepScheduler(solver_order=3, lower_order_final=False), {}, "no well-defined table"),  # step() itself gives NaN at the end
+    # step() itself fails (singular system, NaN) at the last step: it is left to fail the same way
+    (lambda: UniPCMultistepScheduler(solver_order=3, lower_order_final=False), {}, "no well-defined table"),
 ])
 def test_fallback_logs_reason(make, kwargs, why, caplog):
     s = make()

@@ -96,6 +96,15 @@ class Adapter:
         return contextlib.nullcontext()
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_output_type(output_type: str) -> None:
+    """The output types every supported pipeline's postprocessing takes."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+
+
 def own_tensor(t: torch.Tensor | None, original) -> torch.Tensor | None:
     """``t``, copied if it still shares memory with the caller's ``original`` (a tensor, or a list or dict of
     call arguments), so nothing of theirs is ever written."""

@@ -22,11 +22,16 @@ from ..guidance import CFG, DynamicCFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
 from ..schedulers import tensors_in
-from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
-                      prompt_batch_size, reads_negative)
-from .base import Adapter, own_tensor
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from ._common import (
+    branch_forward,
+    branch_specs,
+    callback_tensor_inputs,
+    check_policy_on,
+    make_step_end,
+    prompt_batch_size,
+    reads_negative,
+)
+from .base import Adapter, check_output_type, own_tensor
 
 
 class CogVideoXUpdate:
@@ -96,8 +101,7 @@ class CogVideoXAdapter(Adapter):
             a["prompt_embeds"],
             a["negative_prompt_embeds"],
         )
-        if a["output_type"] not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        check_output_type(a["output_type"])
         return a
 
     def check_policy(self, policy: GuidancePolicy) -> None:

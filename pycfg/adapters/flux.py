@@ -14,13 +14,18 @@ import numpy as np
 import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
-from ..runtime.job import Job
 from ..guidance.base import NEGATIVE, PROMPT
-from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
-                      prompt_batch_size, reads_negative)
-from .base import Adapter, own_tensor
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from ..runtime.job import Job
+from ._common import (
+    branch_forward,
+    branch_specs,
+    callback_tensor_inputs,
+    check_policy_on,
+    make_step_end,
+    prompt_batch_size,
+    reads_negative,
+)
+from .base import Adapter, check_output_type, own_tensor
 
 
 class FluxAdapter(Adapter):
@@ -53,8 +58,7 @@ class FluxAdapter(Adapter):
                     f" got: `prompt_embeds` {a['prompt_embeds'].shape} != `negative_prompt_embeds`"
                     f" {a['negative_prompt_embeds'].shape}."
                 )
-        if a["output_type"] not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        check_output_type(a["output_type"])
         return a
 
     @staticmethod

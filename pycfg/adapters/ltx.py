@@ -15,14 +15,18 @@ import numpy as np
 import torch
 
 from ..guidance import GuidancePolicy, NoGuidance
-from ..guidance.base import Prediction, weighted_sum_fp32
+from ..guidance.base import NEGATIVE, PROMPT, Prediction, weighted_sum_fp32
 from ..runtime.job import Job
-from ..guidance.base import NEGATIVE, PROMPT
-from ._common import (branch_forward, branch_specs, callback_tensor_inputs, check_policy_on, make_step_end,
-                      prompt_batch_size, reads_negative)
-from .base import Adapter, own_tensor
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from ._common import (
+    branch_forward,
+    branch_specs,
+    callback_tensor_inputs,
+    check_policy_on,
+    make_step_end,
+    prompt_batch_size,
+    reads_negative,
+)
+from .base import Adapter, check_output_type, own_tensor
 
 
 def _per_sample_std(x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +96,7 @@ class LTXAdapter(Adapter):
             prompt_attention_mask=a["prompt_attention_mask"],
             negative_prompt_attention_mask=a["negative_prompt_attention_mask"],
         )
-        if a["output_type"] not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        check_output_type(a["output_type"])
         return a
 
     def check_policy(self, policy: GuidancePolicy) -> None:

@@ -29,9 +29,8 @@ from ..guidance.base import NEGATIVE, PROMPT, Prediction, outputs_of
 from ..guidance.perturb import ForwardKwargs, perturbed
 from ..runtime.job import Job
 from ._common import batch_groups, callback_tensor_inputs, make_step_end, prompt_batch_size
-from .base import Adapter, own_tensor
+from .base import Adapter, check_output_type, own_tensor
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: branch names of the default policy, in the order the stock loop runs them
 COND, UNCOND, STG, MODALITY = "cond", "uncond", "stg", "modality"
 
@@ -133,9 +132,7 @@ class LTX2Adapter(Adapter):
             min_seconds=a["min_seconds"],
             max_seconds=a["max_seconds"],
         )
-        if a["output_type"] not in OUTPUT_TYPES:
-            allowed = ", ".join(map(repr, OUTPUT_TYPES))
-            raise ValueError(f"output_type must be one of {allowed}, got {a['output_type']!r}")
+        check_output_type(a["output_type"])
         return a
 
     def default_policy(self, a: dict[str, Any]) -> LTX2Guidance:

@@ -18,7 +18,7 @@ from ..guidance.base import NEGATIVE
 from ..guidance.perturb import perturbed
 from ..runtime.job import Job
 from ._common import batch_groups
-from .base import Adapter, own_tensor
+from .base import Adapter, check_output_type, own_tensor
 
 
 class QwenImageAdapter(Adapter):
@@ -53,8 +53,7 @@ class QwenImageAdapter(Adapter):
         if not isinstance(a["num_inference_steps"], int) or a["num_inference_steps"] < 1:
             if a["sigmas"] is None:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {a['num_inference_steps']!r}")
-        if a["output_type"] not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent', got {a['output_type']!r}")
+        check_output_type(a["output_type"])
         return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:

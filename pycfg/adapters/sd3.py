@@ -19,11 +19,17 @@ from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import COND, NEGATIVE, PROMPT, UNCOND, Branch, Prediction, weighted_sum_fp32
 from ..guidance.perturb import ForwardKwargs
 from ..runtime.job import Job
-from ._common import (batch_groups, branch_forward, branch_specs, callback_tensor_inputs, check_policy_on,
-                      make_step_end, prompt_batch_size, reads_negative)
-from .base import Adapter, own_tensor
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from ._common import (
+    batch_groups,
+    branch_forward,
+    branch_specs,
+    callback_tensor_inputs,
+    check_policy_on,
+    make_step_end,
+    prompt_batch_size,
+    reads_negative,
+)
+from .base import Adapter, check_output_type, own_tensor
 
 
 class SD3Guidance(GuidancePolicy):
@@ -125,8 +131,7 @@ class StableDiffusion3Adapter(Adapter):
         )
         if a["ip_adapter_image"] is not None or a["ip_adapter_image_embeds"] is not None:
             raise NotImplementedError("pycfg's StableDiffusion3Pipeline adapter does not support IP-Adapter inputs yet")
-        if a["output_type"] not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        check_output_type(a["output_type"])
         return a
 
     def check_policy(self, policy: GuidancePolicy) -> None:

@@ -14,13 +14,20 @@ from typing import Any
 import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
-from ..runtime.job import Job
 from ..guidance.base import NEGATIVE, PROMPT
-from ._common import (StepScaledCFG, batch_groups, branch_forward, branch_specs, callback_tensor_inputs,
-                      check_policy_on, make_step_end, prompt_batch_size, reads_negative)
-from .base import Adapter, own_tensor
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from ..runtime.job import Job
+from ._common import (
+    StepScaledCFG,
+    batch_groups,
+    branch_forward,
+    branch_specs,
+    callback_tensor_inputs,
+    check_policy_on,
+    make_step_end,
+    prompt_batch_size,
+    reads_negative,
+)
+from .base import Adapter, check_output_type, own_tensor
 
 
 class WanAdapter(Adapter):
@@ -47,8 +54,7 @@ class WanAdapter(Adapter):
             a["callback_on_step_end_tensor_inputs"],
             a["guidance_scale_2"],
         )
-        if a["output_type"] not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {a['output_type']!r}")
+        check_output_type(a["output_type"])
         return a
 
     def check_policy(self, policy: GuidancePolicy) -> None:

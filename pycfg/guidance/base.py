@@ -248,7 +248,3 @@ def check_scale(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     return float(value)
-
-
-def names(seq: Sequence[str]) -> tuple[str, ...]:
-    return tuple(seq)

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from ..errors import RankFailureError
 
-
 # torch >= 2.13 names the flat all-gather all_gather_single; older releases all_gather_into_tensor
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 

@@ -22,7 +22,6 @@ import torch.distributed as dist
 from ..errors import RankFailureError
 
 NAME = "nccl-ext"
-MIN_VERSION = 21100  # ncclRedOpCreatePreMulSum
 
 # NCCL's ncclDataType_t codes
 NCCL_DTYPES = {
@@ -261,7 +260,8 @@ class NcclComm:
             self._all_reduce(flat)
         return flat
 
-    def weighted_all_reduce_(self, flat: torch.Tensor, weight: torch.Tensor | float, count: bool = True) -> torch.Tensor:
+    def weighted_all_reduce_(self, flat: torch.Tensor, weight: torch.Tensor | float,
+                             count: bool = True) -> torch.Tensor:
         """In place: sum over ranks of (each rank's own ``weight`` * its ``flat``).
 
         ``weight`` is a one-element device tensor of ``flat``'s dtype, read when the collective runs (so a CUDA

@@ -55,7 +55,8 @@ def check_same_arguments(comm, arguments: dict[str, Any]) -> None:
     gathered: list = [None] * comm.size
     dist.all_gather_object(gathered, described, group=comm.group)
     differing = sorted(
-        {k for d in gathered for k in set(d) | set(gathered[0]) if d.get(k, "<missing>") != gathered[0].get(k, "<missing>")}
+        {k for d in gathered for k in set(d) | set(gathered[0])
+         if d.get(k, "<missing>") != gathered[0].get(k, "<missing>")}
     )
     raise ArgumentMismatchError(
         f"ranks of the CFG group were called with different arguments: {', '.join(differing)} differ "

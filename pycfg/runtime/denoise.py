@@ -12,15 +12,12 @@ from typing import Any
 
 import torch
 
+from ..guidance.base import outputs_of
 from ..parallel.dispatch import dispatch_branches
 from .consistency import check_ranks_agree
 from .job import Job, Prediction
 
 _ALIGN = 16  # bytes; keeps every packed tensor's offset a multiple of its element size
-
-
-def _outputs(pred: Prediction) -> list[torch.Tensor]:
-    return list(pred) if isinstance(pred, tuple) else [pred]
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
@@ -50,7 +47,7 @@ class Exchange:
         buf = torch.zeros(slots * self.branch_bytes, dtype=torch.uint8, device=self.device)
         for j, pred in enumerate(local):
             offset = j * self.branch_bytes
-            for out, seg in zip(_outputs(pred), self.segments):
+            for out, seg in zip(outputs_of(pred), self.segments):
                 raw = out.detach().contiguous().reshape(-1).view(torch.uint8)
                 buf[offset : offset + raw.numel()].copy_(raw)
                 offset += seg

@@ -8,10 +8,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from ..guidance.base import GuidancePolicy
-
-# A branch's prediction: one tensor, or a tuple of tensors for models with several outputs (video + audio).
-Prediction = Any
+from ..guidance.base import GuidancePolicy, Prediction  # noqa: F401  (re-exported for the runtime)
 
 
 @dataclass
