@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from .adapters import find_adapter
 from .guidance import GuidancePolicy
 from .parallel.comm import make_comm
 from .parallel.groups import form_cfg_group
+from .parallel.mesh import MeshLayout
 from .runtime.compiled import check_compile_option, choose_batching
 from .runtime.compiled import compile_transformer as _compile_transformer
 from .runtime.consistency import check_same_arguments, describe_value
@@ -51,6 +53,9 @@ class CompiledPipeline:
         self.batch_mode: bool | str = bool(getattr(adapter, "batch_branches", False))
         self.batch_choices: dict[Any, dict[str, Any]] = {}
         self.warmup_times: dict[str, float] = {}
+        #: set by compile() with ring_degree or ulysses_degree > 1: this rank's request mesh, and what runs it
+        self.request_mesh = None
+        self.context_parallel: dict[str, Any] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -70,6 +75,10 @@ class CompiledPipeline:
             raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
         with self._lock, torch.no_grad():
             args = self.adapter.check(kwargs)
+            if self.request_mesh is not None:
+                from .parallel.context import check_split
+
+                check_split(self.adapter.context_parallel_lengths(args), self.request_mesh.layout)
             # before any compute: every rank must have been called the same way
             check_same_arguments(
                 self.comm, {**args, "__guidance__": guidance, "__exchange__": self.exchange}
@@ -133,6 +142,8 @@ class CompiledPipeline:
             "text_bucket": getattr(self.adapter, "text_bucket", None),
             "compile_transformer": self.compile_info,
             "cuda_graphs": self.step_graphs.describe() if self.step_graphs is not None else False,
+            "mesh": self.request_mesh.describe() if self.request_mesh is not None else None,
+            "context_parallel": self.context_parallel,
             "warmup": dict(self.warmup_times),
         }
 
@@ -203,6 +214,23 @@ def _pipeline_device(pipeline) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
+def _check_context_parallel(pipeline, adapter_class, layout: MeshLayout, device: torch.device,
+                            group) -> dict[str, str]:
+    """Every transformer's attention backend for this layout (by pipeline attribute); raises if one cannot run it,
+    or if it was parallelised for another layout. Runs before any process group is made."""
+    from .parallel.context import check_transformer
+
+    if layout.context_parallel and not adapter_class.context_parallel:
+        raise ValueError(f"ring_degree/ulysses_degree > 1: {adapter_class.__name__} ({type(pipeline).__name__}) "
+                         "does not run context-parallel; pipelines that do: Qwen-Image, Flux, Wan")
+    backends = {}
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipeline, name, None)
+        if isinstance(model, torch.nn.Module):
+            backends[name] = check_transformer(model, layout, device, name=name)
+    return backends
+
+
 def compile(
     pipeline,
     *,
@@ -220,6 +248,8 @@ def compile(
     compile_mode: str | None = None,
     cuda_graphs: bool | None = None,
     text_bucket: int | None = None,
+    ring_degree: int = 1,
+    ulysses_degree: int = 1,
 ) -> CompiledPipeline:
     """Make ``pipeline`` CFG-parallel over ``cfg_parallel_size`` ranks.
 
@@ -263,6 +293,15 @@ def compile(
             whose model honours text masks only): fewer shapes to compile, and cond/uncond texts of different
             lengths can share a batched forward. ``None``: exact lengths.
 
+        ring_degree, ulysses_degree: context parallelism inside each CFG rank. With either above 1 the world is
+            split into request groups of ``cfg_parallel_size * ring_degree * ulysses_degree`` ranks, each one
+            ``DeviceMesh`` with dimensions ``("cfg", "ring", "ulysses")``; every branch forward runs over its
+            ``("ring", "ulysses")`` sub-mesh through diffusers' context parallelism (Ulysses all-to-all, ring
+            attention), and the per-step collective runs over ``"cfg"``. The transformer must have a ``_cp_plan``
+            and a context-parallel attention backend; it is parallelised once, for one layout. Sequences must split
+            evenly (Qwen-Image pads its text with a mask; see ``describe()["context_parallel"]``). Whole-step CUDA
+            graphs are off with context parallelism (steps run eagerly).
+
     Returns:
         A :class:`CompiledPipeline`: call it like the pipeline.
     """
@@ -289,8 +328,11 @@ def compile(
     if text_bucket is not None and (isinstance(text_bucket, bool) or not isinstance(text_bucket, int)
                                     or text_bucket < 1):
         raise ValueError(f"text_bucket must be a positive integer or None, got {text_bucket!r}")
+    layout = MeshLayout(cfg_parallel_size, ring_degree, ulysses_degree)
     adapter_class = find_adapter(pipeline)
     device = _pipeline_device(pipeline)
+    # before any process group exists: a transformer that cannot run the layout fails here
+    cp_backends = _check_context_parallel(pipeline, adapter_class, layout, device, group)
     adapter = adapter_class(pipeline, fused=fused, noise=noise)
     if text_bucket is not None:
         if not hasattr(adapter_class, "text_bucket"):
@@ -299,8 +341,18 @@ def compile(
     if batch_branches is None:
         batch_branches = "auto" if how is not None else False
     adapter.batch_branches = batch_branches if batch_branches != "auto" else False
+    if layout.context_parallel:
+        # the split text must divide by the degree: pad it (with its mask) to a multiple of it
+        bucket = adapter.text_bucket or 1 if hasattr(adapter_class, "text_bucket") else None
+        if bucket is not None:
+            adapter.text_bucket = math.lcm(bucket, layout.context_degree)
+    if cuda_graphs and layout.context_parallel:
+        raise ValueError("cuda_graphs=True cannot be combined with ring_degree/ulysses_degree > 1: diffusers' "
+                         "context-parallel collectives (size exchanges on the host, mask gathers) are not "
+                         "capturable; steps run eagerly (pass cuda_graphs=None or False)")
     if cuda_graphs is None:
-        cuda_graphs = device.type == "cuda" and how is not None and compile_mode != "reduce-overhead"
+        cuda_graphs = (device.type == "cuda" and how is not None and compile_mode != "reduce-overhead"
+                       and not layout.context_parallel)
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs the pipeline on a CUDA device, not {device}")
     if cuda_graphs and not getattr(adapter_class, "graph_step_index", False):
@@ -312,7 +364,17 @@ def compile(
         if hasattr(adapter, "check_policy"):
             adapter.check_policy(guidance)
 
-    pg = form_cfg_group(cfg_parallel_size, device=device, timeout=float(timeout), group=group)
+    request_mesh = None
+    if layout.context_parallel:
+        from .parallel.context import enable_context_parallel
+        from .parallel.mesh import form_request_mesh
+
+        request_mesh = form_request_mesh(layout, device=device, timeout=float(timeout), group=group)
+        for name, backend in cp_backends.items():
+            enable_context_parallel(getattr(pipeline, name), request_mesh, device, backend)
+        pg = request_mesh.cfg_group
+    else:
+        pg = form_cfg_group(cfg_parallel_size, device=device, timeout=float(timeout), group=group)
     comm = make_comm(pg, device=device, timeout=float(timeout), comm=comm)
     compiled = CompiledPipeline(
         pipeline,
@@ -325,6 +387,16 @@ def compile(
         timeout=float(timeout),
     )
     compiled.batch_mode = batch_branches
+    if request_mesh is not None:
+        compiled.request_mesh = request_mesh
+        compiled.context_parallel = {
+            "engine": "diffusers ContextParallelConfig(mesh=...) over the ('ring', 'ulysses') sub-mesh",
+            "attention_backend": dict(cp_backends),
+            "text_bucket": getattr(adapter, "text_bucket", None),
+            "cuda_graphs": "off: diffusers' context-parallel collectives are not capturable; steps run eagerly",
+            "compiled_forward": "torch.compile traces the forward with graph breaks at diffusers' host-side "
+            "collectives" if how is not None else None,
+        }
     if how is not None:
         start = time.perf_counter()
         info = _compile_transformer(pipeline.transformer, how, compile_mode)

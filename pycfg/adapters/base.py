@@ -23,6 +23,10 @@ class Adapter:
     #: differ only in these replay the same captured steps
     graph_value_args: tuple[str, ...] = ()
 
+    #: the transformer forward may run context-parallel (pycfg.compile's ring_degree / ulysses_degree): the
+    #: adapter implements ``context_parallel_lengths`` and its transformer has a diffusers ``_cp_plan``
+    context_parallel: bool = False
+
     def __init__(self, pipe, fused: bool | None = None, noise: str = "philox") -> None:
         self.pipe = pipe
         self.fused = fused
@@ -88,6 +92,11 @@ class Adapter:
             not_graphable=not_graphable,
             graph_inputs=graph_inputs,
         )
+
+    def context_parallel_lengths(self, a: dict[str, Any]) -> dict[str, tuple[int, str]]:
+        """The sequences context parallelism splits for the checked call arguments ``a``, before any model runs:
+        what -> (token count, the arguments that set it). Text an adapter pads to the degree is not listed."""
+        raise NotImplementedError(f"{type(self).__name__} does not run context-parallel")
 
     def progress(self, total: int, enabled: bool):
         """The pipeline's own progress bar (honouring ``set_progress_bar_config``) on one rank only."""

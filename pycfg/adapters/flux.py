@@ -31,6 +31,21 @@ from .base import Adapter, check_output_type, own_tensor
 class FluxAdapter(Adapter):
     pipeline_classes = ("FluxPipeline",)
 
+    #: context parallel: text and image tokens are both split as given (Flux attends to its text without a mask,
+    #: so padding would change the result): their lengths must divide by the degree
+    context_parallel = True
+
+    def context_parallel_lengths(self, a: dict[str, Any]) -> dict[str, tuple[int, str]]:
+        # prepare_latents' arithmetic: latents of 2 * (size // (vae_scale_factor * 2)), packed 2x2
+        step = self.pipe.vae_scale_factor * 2
+        lengths = {"image tokens": ((a["height"] // step) * (a["width"] // step), "height and width")}
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            embeds = a[name]
+            text = embeds.shape[1] if embeds is not None else a["max_sequence_length"]
+            lengths[f"text tokens ({name.replace('_embeds', '')})"] = (
+                text, f"the length of {name}" if embeds is not None else "max_sequence_length")
+        return lengths
+
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
         a = self.bind(kwargs)

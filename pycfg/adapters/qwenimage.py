@@ -32,6 +32,14 @@ class QwenImageAdapter(Adapter):
                         "negative_prompt_embeds_mask", "latents", "generator", "true_cfg_scale", "guidance_scale",
                         "output_type", "return_dict")
 
+    #: context parallel: text is padded to the degree with its mask (text_bucket), image tokens are split as made
+    context_parallel = True
+
+    def context_parallel_lengths(self, a: dict[str, Any]) -> dict[str, tuple[int, str]]:
+        # prepare_latents' arithmetic: latents of 2 * (size // (vae_scale_factor * 2)), packed 2x2
+        step = self.pipe.vae_scale_factor * 2
+        return {"image tokens": ((a["height"] // step) * (a["width"] // step), "height and width")}
+
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Bind and validate with the pipeline's own ``check_inputs``; no model runs here."""
         pipe = self.pipe

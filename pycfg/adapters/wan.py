@@ -38,6 +38,21 @@ class WanAdapter(Adapter):
     graph_value_args = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
                         "guidance_scale", "guidance_scale_2", "output_type", "return_dict")
 
+    #: context parallel: video tokens are split; text is not (Wan's plan keeps cross-attention keys whole)
+    context_parallel = True
+
+    def context_parallel_lengths(self, a: dict[str, Any]) -> dict[str, tuple[int, str]]:
+        # prepare()'s rounding of num_frames, height and width, then the patch grid
+        pipe = self.pipe
+        transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+        p_t, p_h, p_w = transformer.config.patch_size
+        vae_t, vae_s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        frames = max(a["num_frames"] // vae_t * vae_t + 1 if a["num_frames"] % vae_t != 1 else a["num_frames"], 1)
+        latent_frames = (frames - 1) // vae_t + 1
+        grid_h = a["height"] // (vae_s * p_h) * (vae_s * p_h) // vae_s // p_h
+        grid_w = a["width"] // (vae_s * p_w) * (vae_s * p_w) // vae_s // p_w
+        return {"video tokens": (latent_frames // p_t * grid_h * grid_w, "num_frames, height and width")}
+
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
         a = self.bind(kwargs)

@@ -32,6 +32,26 @@ def check_size(cfg_parallel_size: int, world_size: int) -> None:
         )
 
 
+def init_world(size: int, *, device: torch.device, timeout: float, what: str, check) -> None:
+    """Initialise the default process group from torchrun's environment (gloo for CPU pipelines, NCCL for CUDA)
+    unless somebody has; ``check(size, world)`` validates the world size first. ``what`` names the option that
+    asked for ``size`` processes, for the error."""
+    if dist.is_initialized():
+        return
+    world = _env_world_size()
+    if world is None:
+        raise RuntimeError(
+            f"{what} needs {size} processes: launch with `torchrun --nproc-per-node {size} app.py`, initialise "
+            "torch.distributed yourself, or pass group="
+        )
+    check(size, world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
+
+
 def form_cfg_group(
     cfg_parallel_size: int,
     *,
@@ -54,20 +74,8 @@ def form_cfg_group(
     if cfg_parallel_size == 1:
         return None
 
-    if not dist.is_initialized():
-        world = _env_world_size()
-        if world is None:
-            raise RuntimeError(
-                f"cfg_parallel_size={cfg_parallel_size} needs {cfg_parallel_size} processes: launch with "
-                f"`torchrun --nproc-per-node {cfg_parallel_size} app.py`, initialise torch.distributed "
-                "yourself, or pass group="
-            )
-        check_size(cfg_parallel_size, world)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {}
-        if device.type == "cuda":
-            kwargs["device_id"] = device
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
+    init_world(cfg_parallel_size, device=device, timeout=timeout,
+               what=f"cfg_parallel_size={cfg_parallel_size}", check=check_size)
 
     world = dist.get_world_size()
     check_size(cfg_parallel_size, world)

@@ -9,6 +9,9 @@ from ._common import _byte_level_tokenizer
 QWENIMAGE_CONFIGS = {
     "tiny": dict(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
                  axes_dims_rope=(8, 4, 4), height=32, width=32),
+    # "tiny" with an even head count, so Ulysses (heads split over ranks) can run at degree 2 and 4
+    "tiny-cp": dict(num_layers=2, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=16,
+                    axes_dims_rope=(8, 4, 4), height=32, width=32),
     "demo": dict(num_layers=4, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=32,
                  axes_dims_rope=(8, 28, 28), height=128, width=128),
     "small": dict(num_layers=8, attention_head_dim=128, num_attention_heads=8, joint_attention_dim=64,
