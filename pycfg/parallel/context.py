@@ -130,7 +130,12 @@ def enable_context_parallel(model: torch.nn.Module, request: RequestMesh, device
     if model in _PARALLELISED or not layout.context_parallel:
         return
     if backend != attention_backend_of(model):
-        model.set_attention_backend(backend)
+        # what set_attention_backend does to the processors, without also making it the process-wide default
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        for processor in _attention_processors(model):
+            if hasattr(processor, "_attention_backend"):
+                processor._attention_backend = AttentionBackendName(backend)
     cp = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=request.mesh)
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(dist.get_rank(), dist.get_world_size(), torch.device(device), mesh=request.mesh)
