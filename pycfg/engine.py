@@ -227,7 +227,9 @@ def _worker_main(rank: int, world: int, addr: str, port: int, device: str, threa
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         pipe = _build_pipeline(factory, dev)
-        fast = pycfg_compile(pipe, cfg_parallel_size=world, timeout=timeout, **compile_options)
+        # the world is one request group: cfg_parallel_size x ring_degree x ulysses_degree ranks
+        context_degree = compile_options.get("ring_degree", 1) * compile_options.get("ulysses_degree", 1)
+        fast = pycfg_compile(pipe, cfg_parallel_size=world // context_degree, timeout=timeout, **compile_options)
         _send(conn, op="ready", rank=rank, pid=os.getpid(), device=str(dev), signature=_signature_info(pipe),
               pipeline=type(pipe).__name__, describe=fast.describe(), threads=torch.get_num_threads())
     except BaseException as err:  # the driver reports it; a hang here would only time out
@@ -399,7 +401,8 @@ class Engine:
             ``functools.partial`` of one) and is only ever called in the workers, on their own devices: with
             ``device=`` when it has a ``device`` parameter, otherwise with no arguments, and what it returns is
             then moved with ``.to(device)`` (unless the device is the CPU).
-        cfg_parallel_size: worker processes (ranks) in the CFG group.
+        cfg_parallel_size: ranks in the CFG group. With ``ring_degree`` / ``ulysses_degree`` compile options the
+            engine runs ``cfg_parallel_size * ring_degree * ulysses_degree`` workers, one request mesh.
         devices: one device per rank; default: ``cuda:0 .. cuda:P-1`` when that many GPUs exist, else the CPU for
             every rank. The workers' world uses gloo on CPU and NCCL on CUDA.
         timeout: seconds a collective may wait for a failed or dead peer (passed to :func:`pycfg.compile`); also
@@ -445,6 +448,10 @@ class Engine:
         if worker_threads is not None and (not isinstance(worker_threads, int) or worker_threads < 1):
             raise ValueError(f"worker_threads must be None or an integer >= 1, got {worker_threads!r}")
         self._check_compile_options(compile_options)
+        from .parallel.mesh import MeshLayout
+
+        layout = MeshLayout(cfg_parallel_size, compile_options.get("ring_degree", 1),
+                            compile_options.get("ulysses_degree", 1))
         try:
             pickle.dumps(pipeline_factory)
         except Exception as err:
@@ -453,12 +460,15 @@ class Engine:
                 f"a functools.partial of one): {err}"
             ) from None
         if devices is None:
-            devices = _default_devices(cfg_parallel_size)
+            devices = _default_devices(layout.size)
         devices = [str(torch.device(d)) for d in devices]
-        if len(devices) != cfg_parallel_size:
-            raise ValueError(f"devices has {len(devices)} entries but cfg_parallel_size={cfg_parallel_size}")
+        if len(devices) != layout.size:
+            raise ValueError(f"devices has {len(devices)} entries but the engine runs {layout.size} ranks "
+                             f"({layout.describe()})")
 
         self.cfg_parallel_size = cfg_parallel_size
+        #: worker processes: one request mesh of cfg x ring x ulysses ranks
+        self.world_size = layout.size
         self.devices = devices
         self.timeout = float(timeout)
         self.auto_restart = bool(auto_restart)
@@ -586,6 +596,8 @@ class Engine:
                 "pipeline": self._info.get("pipeline"),
                 "cfg_parallel_size": self.cfg_parallel_size,
                 "devices": list(self.devices),
+                "world_size": self.world_size,
+                "mesh": compiled.get("mesh"),
                 "workers": workers,
                 "worker_threads": self._info.get("threads", self.worker_threads),
                 "communicator": compiled.get("communicator"),
@@ -884,7 +896,7 @@ class Engine:
             parent, child = self._ctx.Pipe(duplex=True)
             process = self._ctx.Process(
                 target=_worker_main, name=f"pycfg-worker-{rank}", daemon=True,
-                args=(rank, self.cfg_parallel_size, self._addr, port, device, self.worker_threads, self._factory,
+                args=(rank, self.world_size, self._addr, port, device, self.worker_threads, self._factory,
                       self.timeout, self._compile_options, child),
             )
             process.start()

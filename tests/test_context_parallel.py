@@ -134,3 +134,23 @@ def test_world_must_hold_whole_request_groups():
     check_world(MeshLayout(2, 1, 2), 8)
     with pytest.raises(ValueError, match=r"needs 4 ranks, and the world size 6 is not a multiple"):
         check_world(MeshLayout(2, 1, 2), 6)
+
+
+
+def test_engine_runs_one_request_mesh(results):
+    """The Engine passes ring/ulysses through: cfg 2 x Ulysses 2 is 4 workers, one mesh, and its output matches
+    the same layout compiled in the 4-rank world bit for bit."""
+    import functools
+
+    from context_parallel_cases import _run, qwen_inputs
+
+    engine = pycfg.Engine(functools.partial(tiny.qwenimage_pipeline, "tiny-cp"), cfg_parallel_size=2,
+                          ulysses_degree=2, timeout=120)
+    try:
+        d = engine.describe()
+        assert d["world_size"] == 4 and d["devices"] == ["cpu"] * 4
+        assert d["mesh"]["dims"] == {"cfg": 2, "ring": 1, "ulysses": 2}
+        out = _run(engine.generate, qwen_inputs())
+    finally:
+        engine.close()
+    assert torch.equal(out, results[0][("qwen", "c2u2", "cfg")])
