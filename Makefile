@@ -5,17 +5,23 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch first and pinned, so no dependency pulls a multi-GB CUDA build by accident on a CPU-only machine.
-# On a CUDA machine set TORCH_SPEC to the build you want (or keep the one already installed in the venv).
+# torch first and pinned, so that no dependency pulls another torch. A pin alone does not keep a CPU-only machine
+# from downloading a CUDA build (on PyPI, Linux x86_64 torch wheels are CUDA builds): without an NVIDIA driver
+# (no nvidia-smi) torch comes from PyTorch's own CPU-only wheel index, and from the default index where that
+# one is unreachable. On a CUDA machine set TORCH_INDEX to the CUDA index you want, or keep the torch already in
+# the venv; TORCH_INDEX= (empty) always uses the default index.
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(TORCH_CPU_INDEX))
 
 .PHONY: demo test lint setup bench clean
 
 $(VENV)/.ready: pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if [ -n "$(TORCH_INDEX)" ] && $(PY) -m pip install -q --timeout 20 --retries 1 --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)"; \
+	  then :; else echo "torch: installing $(TORCH_SPEC) from the default index"; $(PY) -m pip install -q "$(TORCH_SPEC)"; fi; }
 	$(PY) -m pip install -q scikit-build-core pybind11
 	# --no-build-isolation: build the extension against the venv's own pybind11, with no second download
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"

@@ -8,7 +8,7 @@ the GPU idle: the raw extension call, the NcclComm method, the torch custom op, 
 With one GPU both sides use a 1-rank communicator (the JSON says so): that measures per-call overheads and
 launch costs, not link bandwidth. With N GPUs, launch with `torchrun --nproc-per-node N`.
 
-    python benchmarks/bench_comm.py --out benchmarks/results
+    python benchmarks/bench_comm.py [--out DIR | --save-results]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from results_dir import add_output_arguments, output_dir
 
 SIZES = [4 << 10 << (2 * k) for k in range(8)]  # 4 KiB, 16 KiB, ..., 64 MiB
 
@@ -124,7 +125,7 @@ def _init_world():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results", help="folder for bench_comm.json and bench_comm.png")
+    add_output_arguments(parser)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--chain", type=int, default=20)
     parser.add_argument("--max-bytes", type=int, default=SIZES[-1])
@@ -200,8 +201,7 @@ def main() -> None:
     comm.close()
 
     if rank == 0:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = output_dir(args, "bench_comm")
         result = {
             "benchmark": "bench_comm",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,6 +1,6 @@
 """Fused guided update vs the eager combine + diffusers step() it replaces; achieved memory bandwidth.
 
-    python benchmarks/bench_kernels.py [--out benchmarks/results] [--device cuda|cpu]
+    python benchmarks/bench_kernels.py [--out DIR | --save-results] [--device cuda|cpu]
 
 On CUDA: the Triton kernel (one launch per step) over latent sizes from 1 to 256 MiB, its bandwidth as a
 fraction of a measured device copy, and per-step time against the eager path on a 1024x1024 Qwen-Image latent
@@ -18,6 +18,7 @@ import time
 from functools import partial
 
 import torch
+from results_dir import add_output_arguments, output_dir
 
 
 def _timer(device: torch.device):
@@ -153,7 +154,7 @@ def bench_qwen_step(device, timed, fn, dtype, steps: int, iters: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    add_output_arguments(ap)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -180,8 +181,7 @@ def main() -> None:
         for row in result["sizes"]:
             row["fraction_of_copy"] = row["bandwidth_gbs"] / result["copy_bandwidth_gbs"]
         result["qwen_1024"] = [bench_qwen_step(device, timed, fn, torch.float32, 8, 2)]
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench_kernels_{device.type}.json")
+    path = os.path.join(output_dir(args, "bench_kernels"), f"bench_kernels_{device.type}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

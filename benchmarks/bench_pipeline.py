@@ -36,6 +36,7 @@ import sys
 import time
 
 import torch
+from results_dir import add_output_arguments, output_dir
 
 MODES = {"stock": 1, "pycfg-P1": 1, "pycfg-P2": 2}
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None)
+    add_output_arguments(parser)
     parser.add_argument("--model", choices=sorted(GPU_MODELS), default=None,
                         help="GPU mode: a realistic-size random-weight transformer (see GPU_MODELS)")
     parser.add_argument("--height", type=int, default=None, help="GPU mode (default: the model's, see GPU_MODELS)")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model is not None:
         return gpu_main(args)
-    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "bench_pipeline_cpu")
+    out = str(output_dir(args, "bench_pipeline") / "bench_pipeline_cpu")
 
     import diffusers
 
@@ -185,11 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "results": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+    with open(out + ".json", "w") as f:
         json.dump(report, f, indent=2)
-    plot(results, args.out + ".png")
-    print(f"wrote {args.out}.json and {args.out}.png")
+    plot(results, out + ".png")
+    print(f"wrote {out}.json and {out}.png")
     return 0
 
 
@@ -544,7 +544,7 @@ def gpu_main(args) -> int:
     else:
         device_name = f"CPU: {cpu_name()}, {os.cpu_count()} cores"
     name = f"{args.model}_{args.height}x{args.width}" + (f"x{args.frames}f" if args.frames else "")
-    out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_pipeline_gpu_{name}")
+    out_path = str(output_dir(args, f"bench_pipeline_gpu_{name}") / f"bench_pipeline_gpu_{name}")
     settings = {"height": args.height, "width": args.width, "text_len": args.text_len, "steps": args.steps,
                 "repeats": args.repeats, bench.guidance_arg: bench.guidance_scale,
                 "cfg_parallel_size": args.cfg_parallel_size, "compile": not args.no_compile,

@@ -46,15 +46,15 @@ step bench_kernels "$PYTHON" benchmarks/bench_kernels.py --out "$OUTDIR"
 # realistic-size random-weight transformer (PYCFG_BENCH_MODEL_ARGS to change model, size or layer count)
 step graphs_tests "$PYTHON" -m pytest -q -rs tests/test_graphs_gpu.py
 step bench_pipeline_gpu "$PYTHON" benchmarks/bench_pipeline.py ${PYCFG_BENCH_MODEL_ARGS:---model qwen-image --height 1024 --width 1024 --steps 6} \
-  --out "$OUTDIR/bench_pipeline_gpu"
+  --out "$OUTDIR"
 # batched CFG matters most where one forward does not fill the GPU: the same model at 512x512
 step bench_pipeline_gpu_512 "$PYTHON" benchmarks/bench_pipeline.py --model qwen-image --height 512 --width 512 \
-  --steps 6 --out "$OUTDIR/bench_pipeline_gpu_512"
+  --steps 6 --out "$OUTDIR"
 # the other families at their published sizes, kept short (few steps, 2 repeats): Wan 2.1 1.3B at 480x832 with
 # 33 frames (14040 video tokens per forward), SD3-medium at 1024x1024
 step bench_pipeline_gpu_wan "$PYTHON" benchmarks/bench_pipeline.py --model wan2.1-1.3b --height 480 --width 832 \
-  --frames 33 --steps 3 --repeats 2 --out "$OUTDIR/bench_pipeline_gpu_wan2.1-1.3b"
+  --frames 33 --steps 3 --repeats 2 --out "$OUTDIR"
 step bench_pipeline_gpu_sd3 "$PYTHON" benchmarks/bench_pipeline.py --model sd3-medium --height 1024 --width 1024 \
-  --steps 4 --repeats 2 --out "$OUTDIR/bench_pipeline_gpu_sd3-medium"
+  --steps 4 --repeats 2 --out "$OUTDIR"
 
 exit $failed

@@ -5,7 +5,7 @@
 """
 
 from . import guidance
-from .adapters import supported_pipelines
+from .adapters import register_adapter, supported_pipelines
 from .api import CompiledPipeline, compile
 from .engine import Engine, EngineError, EngineUnhealthyError, InvalidRequestError, WorkerFailureError
 from .errors import ArgumentMismatchError, ConsistencyError, PycfgError, RankFailureError
@@ -22,6 +22,7 @@ __all__ = [
     "WorkerFailureError",
     "guidance",
     "supported_pipelines",
+    "register_adapter",
     "PycfgError",
     "RankFailureError",
     "ArgumentMismatchError",

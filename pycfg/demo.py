@@ -10,6 +10,7 @@ per-step times of both, and writes the image.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -55,7 +56,26 @@ def _rank_main(rank: int, world: int, config: str, steps: int, seed: int) -> dic
     _run(fast, config, 2, seed)  # warm-up: first-call allocations and lazy collective connections
     images, clock = _run(fast, config, steps, seed)
     return {"images": images, "latents": clock.latents, "step_times": clock.step_times(),
-            "describe": fast.describe()}
+            "describe": fast.describe(), "threads": torch.get_num_threads()}
+
+
+def _busy_warning(ranks: int) -> str | None:
+    """Why the timings may not mean much: other work already holds the cores the ranks need.
+
+    Each rank needs a core of its own; with the 1-minute load average above the cores left over for them, the
+    ranks time-share and the parallel speed-up measures the machine's load, not CFG parallelism.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores < ranks:
+        return (f"this machine has {cores} core(s) for {ranks} ranks: they time-share, so the speed-up shown is "
+                "not meaningful")
+    # measured before the demo starts its own processes; half a core of background noise is tolerated
+    if load > cores - ranks + 0.5:
+        return (f"the machine is busy (load average {load:.1f} on {cores} cores; the {ranks} ranks need {ranks} "
+                "free cores): the ranks compete with other work, so the speed-up shown is not meaningful. "
+                "Run the demo again on an idle machine to measure it")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one core per rank, as each rank would own one GPU
     print(f"pycfg demo: Qwen-Image architecture ({args.config}, random weights), {args.steps} steps, "
           f"true_cfg_scale=4.0, one thread per process")
+    busy = _busy_warning(args.cfg_parallel_size)
     pipe = qwenimage_pipeline(args.config)
     _run(pipe, args.config, 2, args.seed)
     stock_images, stock_clock = _run(pipe, args.config, args.steps, args.seed)
@@ -93,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  pycfg: {fast['describe']}")
     print(f"  max |pycfg - stock|: latents {latent_diff:.3g}, image {image_diff:.3g}   "
           f"(ranks identical: {ranks_equal})")
-    print(f"  per-step time (median): stock {stock_step * 1e3:.2f} ms, "
-          f"pycfg P={args.cfg_parallel_size} {fast_step * 1e3:.2f} ms  ({stock_step / fast_step:.2f}x)")
+    threads = sorted({r["threads"] for r in ranks})
+    print(f"  per-step time (median): stock {stock_step * 1e3:.2f} ms ({torch.get_num_threads()} thread), "
+          f"pycfg P={args.cfg_parallel_size} {fast_step * 1e3:.2f} ms ({'/'.join(map(str, threads))} thread(s) "
+          f"per rank)  ({stock_step / fast_step:.2f}x)")
+    if busy:
+        print(f"  note: {busy}")
 
     from PIL import Image
 

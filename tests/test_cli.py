@@ -83,4 +83,28 @@ def test_demo_runs_the_embedded_job(tmp_path):
     res = run("demo", "--config", "tiny", "--steps", "2", "--out", str(out), timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "max |pycfg - stock|" in res.stdout and "ranks identical: True" in res.stdout
+    assert "1 thread(s) per rank" in res.stdout
     assert out.exists() and out.stat().st_size > 0
+
+
+def _git_status(root: Path) -> str | None:
+    try:
+        res = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def test_benchmarks_leave_the_checkout_clean():
+    """A plain benchmark run writes a fresh git-ignored folder; committed results change only on request."""
+    root = Path(__file__).resolve().parents[1]
+    before = _git_status(root)
+    if before is None:
+        pytest.skip("not a git checkout")
+    committed = {p: p.stat().st_mtime_ns for p in (root / "benchmarks" / "results").glob("*.json")}
+    env = {k: v for k, v in os.environ.items() if k != "PYCFG_BENCHMARKS"}
+    res = subprocess.run([*pycfg_command(), "bench", "kernels", "--device", "cpu"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert _git_status(root) == before
+    assert {p: p.stat().st_mtime_ns for p in committed} == committed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .base import Adapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
@@ -23,16 +24,43 @@ ADAPTERS = [
 ]
 
 
+#: adapters registered with :func:`register_adapter`, by pipeline class name; they take precedence over the
+#: built-in ones, so a user can also replace the adapter of a supported pipeline
+_REGISTERED: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(pipeline: type | str, adapter: type[Adapter]) -> None:
+    """Make ``pycfg.compile`` use ``adapter`` for ``pipeline`` (a pipeline class, or its class name) and its
+    subclasses. A later registration for the same name replaces an earlier one.
+
+    ``adapter`` is a subclass of ``pycfg.adapters.Adapter`` (usually of the family adapter whose pipeline yours
+    extends); docs/adapters.md shows how to write one.
+    """
+    if isinstance(pipeline, type):
+        name = pipeline.__name__
+    elif isinstance(pipeline, str) and pipeline.isidentifier():
+        name = pipeline
+    else:
+        raise TypeError(f"pipeline must be a pipeline class or its class name, got {pipeline!r}")
+    if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+        raise TypeError(f"adapter must be a subclass of pycfg.adapters.Adapter, got {adapter!r}")
+    _REGISTERED[name] = adapter
+
+
 def supported_pipelines() -> list[str]:
-    return sorted(name for adapter in ADAPTERS for name in adapter.pipeline_classes)
+    """The pipeline class names ``pycfg.compile`` accepts: the built-in adapters' and the registered ones."""
+    return sorted({name for adapter in ADAPTERS for name in adapter.pipeline_classes} | set(_REGISTERED))
 
 
 def find_adapter(pipeline):
     for klass in type(pipeline).__mro__:
+        if klass.__name__ in _REGISTERED:
+            return _REGISTERED[klass.__name__]
         for adapter in ADAPTERS:
             if klass.__name__ in adapter.pipeline_classes:
                 return adapter
     raise TypeError(
         f"pycfg has no adapter for {type(pipeline).__name__}; supported pipelines: "
-        f"{', '.join(supported_pipelines())}. docs/adapters.md explains how to write one."
+        f"{', '.join(supported_pipelines())}. Write an adapter and register it with pycfg.register_adapter "
+        "(docs/adapters.md shows how)."
     )
