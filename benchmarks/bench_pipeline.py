@@ -6,6 +6,10 @@ the transformer forward(s) (a forward hook measures the forwards). Writes JSON a
 
     python benchmarks/bench_pipeline.py --configs tiny small --steps 6 --repeats 3
 
+``--layouts`` adds CFG x context-parallel layouts (each a world of cfg x ring x ulysses ranks, one request group):
+
+    python benchmarks/bench_pipeline.py --configs tiny-cp small --layouts cfg1xU2 cfg2xU2 cfg1xU4 cfg2xR2
+
 GPU mode (``--model qwen-image | wan2.1-1.3b | sd3-medium``): one process, one realistic-size transformer with
 random weights built from the model's published config (no downloads, no text encoders: embeddings of the real
 encoders' shapes are passed in), measured in one run as stock eager, stock + torch.compile (diffusers' regional
@@ -39,6 +43,18 @@ import torch
 from results_dir import add_output_arguments, output_dir
 
 MODES = {"stock": 1, "pycfg-P1": 1, "pycfg-P2": 2}
+#: CFG x context-parallel layouts (``--layouts``): (cfg_parallel_size, ring_degree, ulysses_degree); the world is
+#: one request group of their product. Qwen-Image's "tiny" has 3 heads: Ulysses layouts need "tiny-cp" or "small".
+LAYOUTS = {"cfg1xU2": (1, 1, 2), "cfg2xU2": (2, 1, 2), "cfg1xU4": (1, 1, 4), "cfg2xR2": (2, 2, 1),
+           "cfg1xR4": (1, 4, 1)}
+
+
+def mode_layout(mode: str) -> tuple[int, int, int, int]:
+    """(world, cfg, ring, ulysses) of a benchmark mode."""
+    if mode in LAYOUTS:
+        cfg, ring, ulysses = LAYOUTS[mode]
+        return cfg * ring * ulysses, cfg, ring, ulysses
+    return MODES[mode], MODES[mode], 1, 1
 
 
 class _ForwardTimer:
@@ -62,7 +78,9 @@ def measure(rank: int, world: int, mode: str, config: str, steps: int, repeats: 
     from pycfg.tiny import qwenimage_inputs, qwenimage_pipeline
 
     pipe = qwenimage_pipeline(config)
-    runner = pipe if mode == "stock" else pycfg.compile(pipe, cfg_parallel_size=world)
+    _, cfg, ring, ulysses = mode_layout(mode)
+    runner = pipe if mode == "stock" else pycfg.compile(pipe, cfg_parallel_size=cfg, ring_degree=ring,
+                                                         ulysses_degree=ulysses)
     timer = _ForwardTimer(pipe.transformer)
     stamps: list[float] = []
 
@@ -89,16 +107,18 @@ def measure(rank: int, world: int, mode: str, config: str, steps: int, repeats: 
     return {"step_s": step, "forward_s": forward, "outside_s": max(step - forward, 0.0), "all_step_s": step_times}
 
 
-def run(configs: list[str], steps: int, repeats: int) -> dict:
+def run(configs: list[str], steps: int, repeats: int, layouts: list[str] = ()) -> dict:
     from pycfg._launch import run_world
 
     results: dict = {}
     for config in configs:
         results[config] = {}
-        for mode, world in MODES.items():
+        for mode in [*MODES, *layouts]:
+            world = mode_layout(mode)[0]
             ranks = run_world(measure, world, mode=mode, config=config, steps=steps, repeats=repeats, timeout=3600)
             results[config][mode] = ranks[0]
-            print(f"{config:6s} {mode:9s} step {ranks[0]['step_s'] * 1e3:9.2f} ms   "
+            results[config][mode]["world"] = world
+            print(f"{config:7s} {mode:9s} ({world} ranks) step {ranks[0]['step_s'] * 1e3:9.2f} ms   "
                   f"outside forward {ranks[0]['outside_s'] * 1e3:7.3f} ms", flush=True)
         r = results[config]
         r["ratios"] = {
@@ -106,6 +126,9 @@ def run(configs: list[str], steps: int, repeats: int) -> dict:
             "P2_speedup_over_P1": r["pycfg-P1"]["step_s"] / r["pycfg-P2"]["step_s"],
             "P2_speedup_over_stock": r["stock"]["step_s"] / r["pycfg-P2"]["step_s"],
         }
+        for mode in layouts:
+            r["ratios"][f"{mode}_speedup_over_P1"] = r["pycfg-P1"]["step_s"] / r[mode]["step_s"]
+            r["ratios"][f"{mode}_speedup_over_P2"] = r["pycfg-P2"]["step_s"] / r[mode]["step_s"]
         print(f"{config:6s} P1/stock {r['ratios']['P1_over_stock']:.3f}x   "
               f"P2 speedup over P1 {r['ratios']['P2_speedup_over_P1']:.3f}x", flush=True)
     return results
@@ -131,11 +154,12 @@ def plot(results: dict, path: str) -> None:
     configs = list(results)
     fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
     for ax, config in zip(axes[0], configs):
-        modes = list(MODES)
+        modes = [m for m in results[config] if m != "ratios"]
         forward = [results[config][m]["forward_s"] * 1e3 for m in modes]
         outside = [results[config][m]["outside_s"] * 1e3 for m in modes]
         ax.bar(modes, forward, label="transformer forward(s)")
         ax.bar(modes, outside, bottom=forward, label="outside the forward")
+        ax.tick_params(axis="x", rotation=30)
         ax.set_title(f"{config}: time per denoising step")
         ax.set_ylabel("ms")
         ax.legend()
@@ -145,7 +169,11 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
+    parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=["tiny", "tiny-cp", "small"])
+    parser.add_argument("--layouts", nargs="+", default=[], choices=sorted(LAYOUTS),
+                        help="CPU mode: CFG x context-parallel layouts to run besides stock, P1 and P2 (each on "
+                             "cfg x ring x ulysses gloo ranks, one thread each); Ulysses layouts need a config "
+                             "whose head count they divide (tiny-cp: 4 heads, small: 8)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     add_output_arguments(parser)
@@ -170,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model is not None:
         return gpu_main(args)
-    out = str(output_dir(args, "bench_pipeline") / "bench_pipeline_cpu")
+    # layout runs get a file of their own, so saving them never replaces the plain CPU record
+    name = "bench_pipeline_cpu_layouts" if args.layouts else "bench_pipeline_cpu"
+    out = str(output_dir(args, name) / name)
 
     import diffusers
 
-    results = run(args.configs, args.steps, args.repeats)
+    results = run(args.configs, args.steps, args.repeats, args.layouts)
     report = {
         "benchmark": "bench_pipeline",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -405,19 +435,22 @@ class GpuBench:
         return {"step_s": statistics.median(samples), "samples_s": samples,
                 "request_s": statistics.median(requests), "request_steps": 2 + n}
 
-    def forward_s(self, batch: int) -> float:
-        """One transformer forward at this request's shapes (median of 5)."""
+    def forward_s(self, batch: int, half_sequence: bool = False) -> float:
+        """One transformer forward at this request's shapes (median of 5). ``half_sequence``: half the latent
+        width (and, for Qwen-Image, half the text): what one rank of a Ulysses-2 pair computes outside attention."""
         pipe, a, cfg = self.pipe, self.args, self.config
-        text = self._randn(batch, a.text_len, cfg.get("joint_attention_dim") or cfg["text_dim"])
+        text_len = a.text_len // 2 if half_sequence and self.family == "qwenimage" else a.text_len
+        text = self._randn(batch, text_len, cfg.get("joint_attention_dim") or cfg["text_dim"])
+        width = a.width // 2 if half_sequence else a.width
         if self.family == "qwenimage":
-            h, w = a.height // pipe.vae_scale_factor // 2, a.width // pipe.vae_scale_factor // 2
+            h, w = a.height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2
             x = self._randn(batch, h * w, cfg["in_channels"])
             t = torch.full((batch,), 0.5, device=self.device, dtype=self.dtype)
             kwargs = dict(img_shapes=[[(1, h, w)]] * batch, attention_kwargs={})
         elif self.family == "wan":
             f = (a.frames - 1) // pipe.vae_scale_factor_temporal + 1
             s = pipe.vae_scale_factor_spatial
-            x = self._randn(batch, cfg["in_channels"], f, a.height // s, a.width // s)
+            x = self._randn(batch, cfg["in_channels"], f, a.height // s, width // s)
             # UniPC's timesteps are integers: the dtype the pipeline passes, so no new compile
             t = torch.full((batch,), 500, device=self.device, dtype=torch.long)
             kwargs = dict(attention_kwargs=None)
@@ -509,6 +542,68 @@ def _collective_projection(latent_bytes: int) -> dict:
     latency_s, bandwidth = 10e-6, 350e9
     return {"bytes": latent_bytes, "latency_s": latency_s, "bus_bandwidth_Bps": bandwidth,
             "time_s": latency_s + latent_bytes / bandwidth, "source": "modelled (published 2xH100 NVLink figures)"}
+
+
+def _all_to_all_s(nbytes: int, device: torch.device) -> float:
+    """Measured on this device: one ``all_to_all_single`` of ``nbytes`` on a 1-rank group (NCCL on CUDA, gloo on
+    CPU): the call's launch and on-device copy, without the link transfer a second device would add."""
+    import torch.distributed as dist
+
+    from pycfg._launch import free_port
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(12):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dist.all_to_all_single(y, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def _project_cfg2_ulysses2(bench, p1: dict) -> dict | None:
+    """cfg 2 x Ulysses 2 from measured parts: a batch-1 forward at half the sequence, the measured cost of one
+    all-to-all call on this device plus a modelled NVLink transfer of what crosses to the other rank (4 per
+    attention layer: q, k, v, output), P=1's measured time outside its forwards, the output gather and the CFG
+    exchange (modelled). Attention at half sequence undercounts Ulysses' attention (full sequence, half the
+    heads), so the projection is optimistic by about half the attention time."""
+    if bench.family not in ("qwenimage", "wan"):
+        return None
+    a, cfg, pipe = bench.args, bench.config, bench.pipe
+    if bench.family == "qwenimage":
+        tokens = (a.height // pipe.vae_scale_factor // 2) * (a.width // pipe.vae_scale_factor // 2) + a.text_len
+    else:
+        f = (a.frames - 1) // pipe.vae_scale_factor_temporal + 1
+        s = pipe.vae_scale_factor_spatial
+        tokens = f * (a.height // s // 2) * (a.width // s // 2)
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    call_bytes = tokens // 2 * heads * head_dim * bench.dtype.itemsize  # one rank's q (or k, v, output)
+    calls = 4 * cfg["num_layers"]  # self/joint attention layers; Wan's cross-attention keeps its text whole
+    measured_call = _all_to_all_s(call_bytes, bench.device)
+    link = _collective_projection(call_bytes // 2)  # half of each rank's tensor goes to the other rank
+    forward_half = bench.forward_s(1, half_sequence=True)
+    pred = bench.latent_numel() * bench.dtype.itemsize
+    gather = _collective_projection(pred)
+    exchange = _collective_projection(2 * pred)
+    step = (forward_half + calls * (measured_call + link["time_s"]) + max(p1["outside_forward_s"], 0.0)
+            + gather["time_s"] + exchange["time_s"])
+    return {
+        "label": "PROJECTION for cfg 2 x ulysses 2 on 4 GPUs (one GPU measured; the others not available)",
+        "step_s": step,
+        "parts": {"forward_half_sequence_b1_s": forward_half, "all_to_all_calls_per_step": calls,
+                  "all_to_all_bytes_per_call": call_bytes, "all_to_all_measured_call_s": measured_call,
+                  "all_to_all_link_modelled": link, "outside_forward_s (P1, measured)": p1["outside_forward_s"],
+                  "output_gather_modelled": gather, "cfg_exchange_modelled": exchange},
+        "speedup_over_P1_as_run": p1["step_s"] / step,
+        "caveat": "attention measured at half sequence; Ulysses attends over the full sequence with half the heads",
+    }
 
 
 def _resolve_gpu_args(args) -> None:
@@ -612,6 +707,10 @@ def gpu_main(args) -> int:
             "speedup_over_P1_as_run": p1["step_s"] / p2,
         }
         ratios["P2_projected_speedup_over_P1"] = p1["step_s"] / p2
+        layout = _project_cfg2_ulysses2(bench, p1)
+        if layout is not None:
+            report["projection_cfg2xU2"] = layout
+            ratios["cfg2xU2_projected_speedup_over_P1"] = layout["speedup_over_P1_as_run"]
     report["ratios"] = ratios
     save()
     for k, v in ratios.items():

@@ -341,11 +341,16 @@ def compile(
     if batch_branches is None:
         batch_branches = "auto" if how is not None else False
     adapter.batch_branches = batch_branches if batch_branches != "auto" else False
-    if layout.context_parallel:
+    masked_text = hasattr(adapter_class, "text_bucket")
+    if layout.context_parallel and masked_text:
         # the split text must divide by the degree: pad it (with its mask) to a multiple of it
-        bucket = adapter.text_bucket or 1 if hasattr(adapter_class, "text_bucket") else None
-        if bucket is not None:
-            adapter.text_bucket = math.lcm(bucket, layout.context_degree)
+        adapter.text_bucket = math.lcm(adapter.text_bucket or 1, layout.context_degree)
+    if layout.context_parallel and masked_text and how is not None and device.type == "cpu":
+        raise ValueError(
+            "compile_transformer with ring_degree/ulysses_degree > 1 on CPU: inductor's CPU code generation fails "
+            f"on the gathered text attention mask of {type(pipeline).__name__} (torch {torch.__version__}); pass "
+            "compile_transformer=False on CPU (pipelines without text masks, e.g. Flux and Wan, compile)"
+        )
     if cuda_graphs and layout.context_parallel:
         raise ValueError("cuda_graphs=True cannot be combined with ring_degree/ulysses_degree > 1: diffusers' "
                          "context-parallel collectives (size exchanges on the host, mask gathers) are not "

@@ -154,3 +154,8 @@ def test_engine_runs_one_request_mesh(results):
     finally:
         engine.close()
     assert torch.equal(out, results[0][("qwen", "c2u2", "cfg")])
+
+
+def test_compiled_masked_text_refused_on_cpu():
+    with pytest.raises(ValueError, match=r"inductor's CPU code generation fails .* compile_transformer=False"):
+        pycfg.compile(tiny.qwenimage_pipeline("tiny-cp"), ulysses_degree=2, compile_transformer="regional")
