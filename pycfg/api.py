@@ -228,6 +228,20 @@ def _check_context_parallel(pipeline, adapter_class, layout: MeshLayout, device:
         model = getattr(pipeline, name, None)
         if isinstance(model, torch.nn.Module):
             backends[name] = check_transformer(model, layout, device, name=name)
+    masked_text = hasattr(adapter_class, "text_bucket")  # texts padded with a mask to split evenly
+    if masked_text and layout.ring > 1:
+        from .parallel.cpu_attention import CPU_LSE_BACKEND
+
+        if layout.ulysses > 1:
+            raise ValueError(f"ring_degree > 1 together with ulysses_degree > 1 cannot run {type(pipeline).__name__}'s "
+                             "masked text attention correctly; use one of the two")
+        wrong = sorted(b for b in backends.values() if b != CPU_LSE_BACKEND)
+        if wrong:
+            raise ValueError(
+                f"ring_degree > 1 with {type(pipeline).__name__}'s masked text: diffusers' ring attention applies "
+                f"each rank's local mask to every key/value chunk (wrong results) with backend {wrong[0]!r}; use "
+                f"ulysses_degree instead (pycfg's {CPU_LSE_BACKEND!r} CPU backend masks each chunk correctly)"
+            )
     return backends
 
 

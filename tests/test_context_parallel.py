@@ -159,3 +159,19 @@ def test_engine_runs_one_request_mesh(results):
 def test_compiled_masked_text_refused_on_cpu():
     with pytest.raises(ValueError, match=r"inductor's CPU code generation fails .* compile_transformer=False"):
         pycfg.compile(tiny.qwenimage_pipeline("tiny-cp"), ulysses_degree=2, compile_transformer="regional")
+
+
+def test_ring_with_masked_text_refused_where_wrong():
+    with pytest.raises(ValueError, match=r"ring_degree > 1 together with ulysses_degree > 1 cannot run"):
+        pycfg.compile(tiny.qwenimage_pipeline("tiny-cp"), cfg_parallel_size=1, ring_degree=2, ulysses_degree=2)
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry._active_backend
+    pipe = tiny.qwenimage_pipeline("tiny-cp")
+    try:
+        pipe.transformer.set_attention_backend("_native_flash")
+        with pytest.raises(ValueError, match=r"applies each rank's local mask to every key/value chunk .* "
+                                             r"'_native_flash'; use ulysses_degree"):
+            pycfg.compile(pipe, ring_degree=2)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)
