@@ -106,3 +106,20 @@ def run_layouts(rank: int, world: int) -> dict:
     # the pipeline still runs after the refusals
     out["after_errors"] = _run(qwen_c2u2, qwen_inputs())
     return out
+
+
+def run_idle(rank: int, world: int) -> dict:
+    """6 ranks: cfg 3 x Ulysses 2 (one request group, the third CFG rank's Ulysses pair idle under two-branch CFG)
+    and cfg 1 x Ulysses 2 (three request groups) on the same request."""
+    from helpers import ForwardCounter
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    out: dict = {}
+    for name, cfg in (("c3u2", 3), ("c1u2", 1)):
+        fast = pycfg.compile(qwen(), cfg_parallel_size=cfg, ulysses_degree=2, check_consistency=cfg > 1,
+                             timeout=300)
+        counter = ForwardCounter(fast.pipeline.transformer)
+        out[name] = _run(fast, qwen_inputs())
+        out[(name, "forwards")] = counter.calls
+        out[(name, "coordinates")] = fast.describe()["mesh"]["coordinates"]
+    return out
