@@ -709,6 +709,7 @@ def gpu_main(args) -> int:
         ratios["P2_projected_speedup_over_P1"] = p1["step_s"] / p2
         layout = _project_cfg2_ulysses2(bench, p1)
         if layout is not None:
+            layout["speedup_over_P2_projected"] = p2 / layout["step_s"]
             report["projection_cfg2xU2"] = layout
             ratios["cfg2xU2_projected_speedup_over_P1"] = layout["speedup_over_P1_as_run"]
     report["ratios"] = ratios
