@@ -147,7 +147,14 @@ class Adapter(ABC):
 
     @property
     def module(self) -> ModuleType:
-        """The pipeline's own module, for its helpers (``retrieve_timesteps``, ``calculate_shift``, ...)."""
+        """The pipeline's own module, for its helpers (``retrieve_timesteps``, ``calculate_shift``, ...).
+
+        For a user's subclass of a stock pipeline, the module of the stock class this adapter serves: the
+        subclass's own module does not define the stock helpers.
+        """
+        for klass in type(self.pipe).__mro__:
+            if klass.__name__ in self.pipeline_classes:
+                return sys.modules[klass.__module__]
         return sys.modules[type(self.pipe).__module__]
 
     def bind(self, kwargs: dict[str, Any]) -> dict[str, Any]:

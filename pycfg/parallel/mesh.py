@@ -123,15 +123,11 @@ def form_request_mesh(layout: MeshLayout, *, device: torch.device, timeout: floa
     request_index = rank // layout.size
     backend = "nccl" if device.type == "cuda" else "gloo"
     cfg_group = None
-    # pycfg's own cfg groups, with pycfg's timeout: every rank creates every one, in the same order
-    for r in range(requests):
-        for i in range(layout.ring):
-            for j in range(layout.ulysses):
-                members = ranks[r, :, i, j].tolist()
-                if layout.cfg == 1:
-                    continue
-                created = dist.new_group(members, timeout=timedelta(seconds=timeout), backend=backend)
-                if rank in members:
-                    cfg_group = created
+    if layout.cfg > 1:
+        # pycfg's own cfg groups, with pycfg's timeout: every rank creates every one, in the same order
+        for members in ranks.permute(0, 2, 3, 1).reshape(-1, layout.cfg).tolist():
+            created = dist.new_group(members, timeout=timedelta(seconds=timeout), backend=backend)
+            if rank in members:
+                cfg_group = created
     return RequestMesh(layout=layout, mesh=mesh, cfg_group=cfg_group, request_index=request_index,
                        ranks=tuple(ranks[request_index].reshape(-1).tolist()))
