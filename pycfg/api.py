@@ -17,6 +17,7 @@ from .adapters.base import Adapter
 from .guidance import GuidancePolicy
 from .options import CompileOptions
 from .parallel.comm import Communicator, make_comm
+from .parallel.context import check_pipeline, context_parallel_info
 from .parallel.groups import form_cfg_group
 from .runtime.compiled import choose_batching
 from .runtime.compiled import compile_transformer as _compile_transformer
@@ -215,47 +216,6 @@ def _pipeline_device(pipeline) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
-def _check_context_parallel(pipeline, adapter_class, options: CompileOptions, device: torch.device
-                            ) -> dict[str, str]:
-    """Every transformer's attention backend for the options' layout (by pipeline attribute); raises if one cannot
-    run it, or if it was parallelised for another layout. Runs before any process group is made."""
-    from .parallel.context import check_transformer
-    from .parallel.cpu_attention import CPU_LSE_BACKEND
-
-    layout = options.layout
-    capabilities = adapter_class.capabilities
-    name = type(pipeline).__name__
-    if layout.context_parallel and not capabilities.context_parallel:
-        raise ValueError(f"ring_degree/ulysses_degree > 1: {adapter_class.__name__} ({name}) does not run "
-                         "context-parallel; pipelines that do: Qwen-Image, Flux, Wan")
-    backends = {}
-    for attr in capabilities.transformer_modules:
-        model = getattr(pipeline, attr, None)
-        if isinstance(model, torch.nn.Module):
-            backends[attr] = check_transformer(model, layout, device, name=attr)
-    if not layout.context_parallel:
-        return backends
-    masked_text = capabilities.text_bucket  # texts padded with a mask to split evenly
-    if masked_text and layout.ring > 1:
-        if layout.ulysses > 1:
-            raise ValueError(f"ring_degree > 1 together with ulysses_degree > 1 cannot run {name}'s masked text "
-                             "attention correctly; use one of the two")
-        wrong = sorted(b for b in backends.values() if b != CPU_LSE_BACKEND)
-        if wrong:
-            raise ValueError(
-                f"ring_degree > 1 with {name}'s masked text: diffusers' ring attention applies each rank's local "
-                f"mask to every key/value chunk (wrong results) with backend {wrong[0]!r}; use ulysses_degree "
-                f"instead (pycfg's {CPU_LSE_BACKEND!r} CPU backend masks each chunk correctly)"
-            )
-    if masked_text and options.compile_transformer is not None and device.type == "cpu":
-        raise ValueError(
-            "compile_transformer with ring_degree/ulysses_degree > 1 on CPU: inductor's CPU code generation fails "
-            f"on the gathered text attention mask of {name} (torch {torch.__version__}); pass "
-            "compile_transformer=False on CPU (pipelines without text masks, e.g. Flux and Wan, compile)"
-        )
-    return backends
-
-
 def compile(
     pipeline,
     *,
@@ -346,7 +306,8 @@ def compile_with_options(pipeline, options: CompileOptions, *, group: dist.Proce
     options = options.resolved(device.type)
     layout = options.layout
     # before any process group exists: a transformer that cannot run the layout fails here
-    cp_backends = _check_context_parallel(pipeline, adapter_class, options, device)
+    cp_backends = check_pipeline(pipeline, adapter_class, options.layout, device,
+                                 compiled=options.compile_transformer is not None)
     text_bucket = options.text_bucket
     if layout.context_parallel and adapter_class.capabilities.text_bucket:
         # the split text must divide by the degree: pad it (with its mask) to a multiple of it
@@ -376,14 +337,8 @@ def compile_with_options(pipeline, options: CompileOptions, *, group: dist.Proce
     compiled = CompiledPipeline(pipeline, adapter, comm, options)
     if request_mesh is not None:
         compiled.request_mesh = request_mesh
-        compiled.context_parallel = {
-            "engine": "diffusers ContextParallelConfig(mesh=...) over the ('ring', 'ulysses') sub-mesh",
-            "attention_backend": dict(cp_backends),
-            "text_bucket": adapter.text_bucket,
-            "cuda_graphs": "off: diffusers' context-parallel collectives are not capturable; steps run eagerly",
-            "compiled_forward": "torch.compile traces the forward with graph breaks at diffusers' host-side "
-            "collectives" if options.compile_transformer is not None else None,
-        }
+        compiled.context_parallel = context_parallel_info(cp_backends, adapter.text_bucket,
+                                                          compiled=options.compile_transformer is not None)
     if options.compile_transformer is not None:
         start = time.perf_counter()
         infos = [_compile_transformer(model, options.compile_transformer, options.compile_mode)

@@ -157,3 +157,55 @@ def check_split(lengths: dict[str, tuple[int, str]], layout: MeshLayout) -> None
                 f"{what}: {length} tokens cannot be split evenly over ring_degree x ulysses_degree = {degree} "
                 f"ranks; choose {hint} so that it is a multiple of {degree}"
             )
+
+
+def check_pipeline(pipeline, adapter_class, layout: MeshLayout, device: torch.device, *, compiled: bool
+                   ) -> dict[str, str]:
+    """Every transformer's attention backend for ``layout`` (by pipeline attribute), from the adapter's declared
+    capabilities; raises if one cannot run it, or if it was parallelised for another layout. Runs before any
+    process group is made, so every rank fails alike."""
+    from .cpu_attention import CPU_LSE_BACKEND
+
+    capabilities = adapter_class.capabilities
+    name = type(pipeline).__name__
+    if layout.context_parallel and not capabilities.context_parallel:
+        raise ValueError(f"ring_degree/ulysses_degree > 1: {adapter_class.__name__} ({name}) does not run "
+                         "context-parallel; pipelines that do: Qwen-Image, Flux, Wan")
+    backends = {}
+    for attr in capabilities.transformer_modules:
+        model = getattr(pipeline, attr, None)
+        if isinstance(model, torch.nn.Module):
+            backends[attr] = check_transformer(model, layout, device, name=attr)
+    if not layout.context_parallel:
+        return backends
+    masked_text = capabilities.text_bucket  # texts padded with a mask to split evenly
+    if masked_text and layout.ring > 1:
+        if layout.ulysses > 1:
+            raise ValueError(f"ring_degree > 1 together with ulysses_degree > 1 cannot run {name}'s masked text "
+                             "attention correctly; use one of the two")
+        wrong = sorted(b for b in backends.values() if b != CPU_LSE_BACKEND)
+        if wrong:
+            raise ValueError(
+                f"ring_degree > 1 with {name}'s masked text: diffusers' ring attention applies each rank's local "
+                f"mask to every key/value chunk (wrong results) with backend {wrong[0]!r}; use ulysses_degree "
+                f"instead (pycfg's {CPU_LSE_BACKEND!r} CPU backend masks each chunk correctly)"
+            )
+    if masked_text and compiled and device.type == "cpu":
+        raise ValueError(
+            "compile_transformer with ring_degree/ulysses_degree > 1 on CPU: inductor's CPU code generation fails "
+            f"on the gathered text attention mask of {name} (torch {torch.__version__}); pass "
+            "compile_transformer=False on CPU (pipelines without text masks, e.g. Flux and Wan, compile)"
+        )
+    return backends
+
+
+def context_parallel_info(backends: dict[str, str], text_bucket: int | None, *, compiled: bool) -> dict:
+    """What ``describe()["context_parallel"]`` reports: the engine, backends, text padding, and what runs eagerly."""
+    return {
+        "engine": "diffusers ContextParallelConfig(mesh=...) over the ('ring', 'ulysses') sub-mesh",
+        "attention_backend": dict(backends),
+        "text_bucket": text_bucket,
+        "cuda_graphs": "off: diffusers' context-parallel collectives are not capturable; steps run eagerly",
+        "compiled_forward": "torch.compile traces the forward with graph breaks at diffusers' host-side collectives"
+        if compiled else None,
+    }
