@@ -53,6 +53,8 @@ class CompiledPipeline:
         #: set by compile() with ring_degree or ulysses_degree > 1: this rank's request mesh, and what runs it
         self.request_mesh = None
         self.context_parallel: dict[str, Any] | None = None
+        #: the group whose ranks must all make the same call: the CFG group, or the whole request mesh
+        self.arguments_comm: Communicator = comm
 
     @property
     def batch_mode(self) -> bool | str:
@@ -77,14 +79,14 @@ class CompiledPipeline:
             raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
         with self._lock, torch.no_grad():
             args = self.adapter.check(kwargs)
+            # before any compute: every rank must have been called the same way
+            check_same_arguments(
+                self.arguments_comm, {**args, "__guidance__": guidance, "__exchange__": self.options.exchange}
+            )
             if self.request_mesh is not None:
                 from .parallel.context import check_split
 
                 check_split(self.adapter.context_parallel_lengths(args), self.request_mesh.layout)
-            # before any compute: every rank must have been called the same way
-            check_same_arguments(
-                self.comm, {**args, "__guidance__": guidance, "__exchange__": self.options.exchange}
-            )
             if guidance is not None:
                 _check_exchange(self.options.exchange, guidance, self.comm.size)
             job = self.adapter.prepare(args, guidance)
@@ -337,6 +339,8 @@ def compile_with_options(pipeline, options: CompileOptions, *, group: dist.Proce
     compiled = CompiledPipeline(pipeline, adapter, comm, options)
     if request_mesh is not None:
         compiled.request_mesh = request_mesh
+        compiled.arguments_comm = make_comm(request_mesh.request_group, device=device, timeout=options.timeout,
+                                            comm="torch")
         compiled.context_parallel = context_parallel_info(cp_backends, adapter.text_bucket,
                                                           compiled=options.compile_transformer is not None)
     if options.compile_transformer is not None:

@@ -103,6 +103,8 @@ def run_layouts(rank: int, world: int) -> dict:
         length=7)}))
     out["error_relayout"] = _error(lambda: pycfg.compile(qwen_c2u2.pipeline, cfg_parallel_size=1, ulysses_degree=2))
     out["error_cfg_only"] = _error(lambda: pycfg.compile(qwen_c2u2.pipeline, cfg_parallel_size=2))
+    # a Ulysses pair's ranks sit in different CFG groups: the whole request mesh must agree on the call
+    out["error_mismatch"] = _error(lambda: qwen_c2u2(**{**qwen_inputs(), "true_cfg_scale": 4.0 + (rank == 1)}))
     # the pipeline still runs after the refusals
     out["after_errors"] = _run(qwen_c2u2, qwen_inputs())
     return out

@@ -91,6 +91,9 @@ def test_clear_errors_in_the_world(results):
     for name in ("error_relayout", "error_cfg_only"):
         kind, text = r0[name]
         assert kind == "ValueError" and "already runs context-parallel as cfg 2 x ring 1 x ulysses 2" in text
+    for r in results:
+        kind, text = r["error_mismatch"]
+        assert kind == "ArgumentMismatchError" and "true_cfg_scale" in text, (kind, text)
     assert torch.equal(r0["after_errors"], r0[("qwen", "c2u2", "cfg")])
 
 

@@ -75,6 +75,8 @@ class RequestMesh:
     #: the ranks sharing this rank's (ring, ulysses) position: pycfg's per-step collective runs here, with
     #: pycfg's timeout
     cfg_group: dist.ProcessGroup | None
+    #: every rank of this request group, with pycfg's timeout: the check that all ranks got the same call
+    request_group: dist.ProcessGroup
     #: index of this rank's request group in the world, and the world ranks of the whole request group
     request_index: int
     ranks: tuple[int, ...]
@@ -129,5 +131,10 @@ def form_request_mesh(layout: MeshLayout, *, device: torch.device, timeout: floa
             created = dist.new_group(members, timeout=timedelta(seconds=timeout), backend=backend)
             if rank in members:
                 cfg_group = created
-    return RequestMesh(layout=layout, mesh=mesh, cfg_group=cfg_group, request_index=request_index,
-                       ranks=tuple(ranks[request_index].reshape(-1).tolist()))
+    request_group = None
+    for members in ranks.reshape(requests, -1).tolist():
+        created = dist.new_group(members, timeout=timedelta(seconds=timeout), backend=backend)
+        if rank in members:
+            request_group = created
+    return RequestMesh(layout=layout, mesh=mesh, cfg_group=cfg_group, request_group=request_group,
+                       request_index=request_index, ranks=tuple(ranks[request_index].reshape(-1).tolist()))
