@@ -53,8 +53,9 @@ class CompiledPipeline:
         #: set by compile() with ring_degree or ulysses_degree > 1: this rank's request mesh, and what runs it
         self.request_mesh = None
         self.context_parallel: dict[str, Any] | None = None
-        #: the group whose ranks must all make the same call: the CFG group, or the whole request mesh
-        self.arguments_comm: Communicator = comm
+        #: every rank serving a request: the CFG group, or with context parallelism the whole request mesh (the
+        #: same call, the same state after every step)
+        self.request_comm: Communicator = comm
 
     @property
     def batch_mode(self) -> bool | str:
@@ -81,7 +82,7 @@ class CompiledPipeline:
             args = self.adapter.check(kwargs)
             # before any compute: every rank must have been called the same way
             check_same_arguments(
-                self.arguments_comm, {**args, "__guidance__": guidance, "__exchange__": self.options.exchange}
+                self.request_comm, {**args, "__guidance__": guidance, "__exchange__": self.options.exchange}
             )
             if self.request_mesh is not None:
                 from .parallel.context import check_split
@@ -96,7 +97,7 @@ class CompiledPipeline:
                 self.step_graphs.shape_key = (_graph_key(args, self.adapter), _weights_key(self.adapter))
             latents, self.last_step_times = denoise(
                 job, self.comm, exchange=self.options.exchange, check_consistency=self.options.check_consistency,
-                batched=batched, step_graphs=self.step_graphs,
+                batched=batched, step_graphs=self.step_graphs, request_comm=self.request_comm,
             )
             return job.finish(latents)
 
@@ -339,7 +340,7 @@ def compile_with_options(pipeline, options: CompileOptions, *, group: dist.Proce
     compiled = CompiledPipeline(pipeline, adapter, comm, options)
     if request_mesh is not None:
         compiled.request_mesh = request_mesh
-        compiled.arguments_comm = make_comm(request_mesh.request_group, device=device, timeout=options.timeout,
+        compiled.request_comm = make_comm(request_mesh.request_group, device=device, timeout=options.timeout,
                                             comm="torch")
         compiled.context_parallel = context_parallel_info(cp_backends, adapter.text_bucket,
                                                           compiled=options.compile_transformer is not None)

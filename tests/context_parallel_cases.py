@@ -7,6 +7,7 @@ pipeline without parallelism. Outputs come back to the parent, which compares th
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -62,6 +63,14 @@ QWEN_EXTRA = {
 }
 
 
+def nudge_odd_ranks(pipe, i, t, tensors: dict) -> dict:
+    """A callback that changes the latents on the odd ranks only: in a cfg 2 x Ulysses 2 mesh those are the
+    second rank of each Ulysses pair, so each CFG group ({0, 2} and {1, 3}) still agrees with itself."""
+    if int(os.environ["RANK"]) % 2:
+        tensors = {**tensors, "latents": tensors["latents"] * 1.001}
+    return tensors
+
+
 def _run(f, inputs: dict, **extra) -> torch.Tensor:
     kwargs = {**inputs, "num_inference_steps": STEPS, "output_type": "latent", **extra}
     return f(**kwargs, generator=torch.Generator().manual_seed(0))[0].detach().clone()
@@ -83,7 +92,7 @@ def run_layouts(rank: int, world: int) -> dict:
         for name in layouts:
             cfg, ring, ulysses = LAYOUTS[name]
             fast = pycfg.compile(build(), cfg_parallel_size=cfg, ring_degree=ring, ulysses_degree=ulysses,
-                                 check_consistency=cfg > 1, timeout=300)
+                                 check_consistency=True, timeout=300)
             compiled[(family, name)] = fast
             out[(family, name, "cfg")] = _run(fast, inputs())
             if family == "qwen" and name in ("c2u2", "c1u2"):
@@ -105,6 +114,8 @@ def run_layouts(rank: int, world: int) -> dict:
     out["error_cfg_only"] = _error(lambda: pycfg.compile(qwen_c2u2.pipeline, cfg_parallel_size=2))
     # a Ulysses pair's ranks sit in different CFG groups: the whole request mesh must agree on the call
     out["error_mismatch"] = _error(lambda: qwen_c2u2(**{**qwen_inputs(), "true_cfg_scale": 4.0 + (rank == 1)}))
+    # state that differs inside a Ulysses pair only is caught by the consistency check over the whole mesh
+    out["error_inconsistent"] = _error(lambda: qwen_c2u2(**qwen_inputs(), callback_on_step_end=nudge_odd_ranks))
     # the pipeline still runs after the refusals
     out["after_errors"] = _run(qwen_c2u2, qwen_inputs())
     return out
@@ -118,7 +129,7 @@ def run_idle(rank: int, world: int) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)
     out: dict = {}
     for name, cfg in (("c3u2", 3), ("c1u2", 1)):
-        fast = pycfg.compile(qwen(), cfg_parallel_size=cfg, ulysses_degree=2, check_consistency=cfg > 1,
+        fast = pycfg.compile(qwen(), cfg_parallel_size=cfg, ulysses_degree=2, check_consistency=True,
                              timeout=300)
         counter = ForwardCounter(fast.pipeline.transformer)
         out[name] = _run(fast, qwen_inputs())

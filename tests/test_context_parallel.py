@@ -64,6 +64,14 @@ def test_one_and_three_branches(results, request_name):
         assert rel_err(out, r0[("qwen", "stock", "off")]) <= CP_TOLERANCE
 
 
+def test_consistency_checked_over_the_whole_mesh(results):
+    # every layout ran with check_consistency=True; latents nudged on one rank of each Ulysses pair (each CFG
+    # group still agrees with itself) are caught at the first step, on every rank
+    for r in results:
+        kind, text = r["error_inconsistent"]
+        assert kind == "ConsistencyError" and "step 0" in text, (kind, text)
+
+
 def test_describe_reports_the_mesh(results):
     coords = set()
     for rank, r in enumerate(results):

@@ -133,9 +133,10 @@ class EagerSteps(StepStrategy):
     """Every step run as Python code; callbacks between steps and the consistency check run here."""
 
     def __init__(self, job: Job, comm: Communicator, *, exchange: str, batched: bool,
-                 check_consistency: bool) -> None:
+                 check_consistency: bool, request_comm: Communicator | None = None) -> None:
         self.job, self.comm, self.exchange, self.batched = job, comm, exchange, batched
         self.check_consistency = check_consistency
+        self.request_comm = request_comm or comm
         self.xchg = Exchange(comm, job.prediction_spec, job.device)
         self.index = StepIndex.counter(job.device)
         self.latents = job.latents
@@ -154,13 +155,17 @@ class EagerSteps(StepStrategy):
             }
             state.update(job.state_tensors())
             state.update({f"guidance.{k}": v for k, v in job.policy.state_tensors().items()})
-            check_ranks_agree(self.comm, i, state)
+            check_ranks_agree(self.request_comm, i, state)
         self.latents = latents
 
 
 def denoise(job: Job, comm: Communicator, *, exchange: str = "gather", check_consistency: bool = False,
-            batched: bool = False, step_graphs=None) -> tuple[Any, list[float]]:
+            batched: bool = False, step_graphs=None, request_comm: Communicator | None = None
+            ) -> tuple[Any, list[float]]:
     """Run the loop on this rank; returns the final latents and the wall time of each step (seconds).
+
+    ``request_comm``: every rank serving this request, when more than ``comm`` (the CFG group): with context
+    parallelism, the whole request mesh. Consistency checks run over it, and only its rank 0 shows progress.
 
     ``batched``: same-shape branches on one rank share a batched forward (see ``Job.forward``).
     ``step_graphs`` (a :class:`pycfg.runtime.graphs.StepGraphs`) replays captured steps where the job allows it;
@@ -172,9 +177,10 @@ def denoise(job: Job, comm: Communicator, *, exchange: str = "gather", check_con
     if step_graphs is not None and not check_consistency:
         strategy = step_graphs.strategy(job, comm, exchange=exchange, batched=batched)
     if strategy is None:
-        strategy = EagerSteps(job, comm, exchange=exchange, batched=batched, check_consistency=check_consistency)
+        strategy = EagerSteps(job, comm, exchange=exchange, batched=batched, check_consistency=check_consistency,
+                              request_comm=request_comm)
     step_times: list[float] = []
-    with job.progress(job.num_steps, comm.rank == 0) as bar:
+    with job.progress(job.num_steps, (request_comm or comm).rank == 0) as bar:
         for i in range(job.num_steps):
             if job.interrupted():
                 continue
