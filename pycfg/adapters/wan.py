@@ -21,13 +21,13 @@ from ._common import (
     batch_groups,
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     prompt_batch_size,
     require_negative,
+    resolve_callback_inputs,
 )
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 
 class WanAdapter(Adapter):
@@ -42,13 +42,11 @@ class WanAdapter(Adapter):
                           "generator", "guidance_scale", "guidance_scale_2", "output_type", "return_dict"),
     )
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
-        pipe.check_inputs(
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             a["prompt"],
             a["negative_prompt"],
             a["height"],
@@ -58,8 +56,6 @@ class WanAdapter(Adapter):
             a["callback_on_step_end_tensor_inputs"],
             a["guidance_scale_2"],
         )
-        check_output_type(a["output_type"])
-        return a
 
     def boundary_timestep(self) -> float | None:
         """Wan 2.2: the timestep below which ``transformer_2`` denoises; None for one expert."""
