@@ -152,6 +152,8 @@ class WanAdapter(Adapter):
         boundary_timestep = self.boundary_timestep()
         first_expert = [bool(boundary_timestep is None or t >= boundary_timestep) for t in timesteps]
         attention_kwargs = a["attention_kwargs"]
+        # the cache context's per-step values, read on the host once (never a device read inside a step)
+        sigmas = [float(sigma) for sigma in scheduler.sigmas[: len(timesteps)]]
 
         def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
             # the expert is a host choice: runs that switch experts are never captured (not_graphable below)
@@ -159,8 +161,7 @@ class WanAdapter(Adapter):
             model = transformer if first_expert[step.i] else transformer_2
             pipe._current_timestep = t
             model_input = x.to(transformer_dtype)
-            cache_kwargs = {"step_index": step.i, "sigma": float(scheduler.sigmas[step.i]),
-                            "num_inference_steps": len(timesteps)}
+            cache_kwargs = {"step_index": step.i, "sigma": sigmas[step.i], "num_inference_steps": len(timesteps)}
             preds: dict[str, torch.Tensor] = {}
             for group in batch_groups(names, batched, batch_key):
                 n, spec = len(group), policy.branch(group[0])
