@@ -101,10 +101,11 @@ class Adapter(ABC):
     def complete_args(self, a: dict[str, Any]) -> None:  # noqa: B027  (optional hook: nothing by default)
         """Fill in, in place, what the stock call derives before it validates (default sizes, ...)."""
 
-    @abstractmethod
     def check_inputs(self, a: dict[str, Any]) -> None:
         """The pipeline's own ``check_inputs`` with the stock call's arguments (and any check the stock call
-        makes itself before its first model runs)."""
+        makes itself before its first model runs). Every adapter implements it, unless it overrides
+        :meth:`check` as a whole."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither check_inputs nor check")
 
     @abstractmethod
     def default_policy(self, args: dict[str, Any]) -> GuidancePolicy:
