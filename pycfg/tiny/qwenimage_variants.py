@@ -6,7 +6,9 @@ size, so their VAE downsamples 64x: a 1024x1024 input becomes 8x8 packed tokens.
 
 Text goes in as random prompt embeds (the edit pipelines' Qwen-VL processor needs torchvision for its video
 part), except for Layered, whose ``__call__`` reads the text encoder's dtype and captions the image when no
-prompt string is given: it gets the tiny Qwen2.5-VL text encoder and prompt strings.
+prompt string is given: it gets the tiny Qwen2.5-VL text encoder and prompt strings. Qwen-Image 2.1 reads its
+processor at construction and encodes the input image with the text (embeds cannot stand in for that): it gets
+a tiny Qwen3-VL encoder and an image-and-text processor (no video part, so no torchvision), all built in code.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import _embeds, _ready
+from ._common import _byte_level_tokenizer, _embeds, _ready
 from .qwenimage import QWENIMAGE_CONFIGS, qwen_text_encoder
 
 #: pipeline class by variant name
@@ -25,6 +27,7 @@ QWENIMAGE_VARIANTS = {
     "inpaint": "QwenImageInpaintPipeline",
     "edit_inpaint": "QwenImageEditInpaintPipeline",
     "layered": "QwenImageLayeredPipeline",
+    "qwenimage21": "QwenImage21Pipeline",
 }
 #: variants whose input image is resized to a fixed area (they get the 64x VAE)
 _FIXED_AREA = ("edit", "edit_plus", "edit_inpaint", "layered")
@@ -49,6 +52,8 @@ def qwenimage_variant_pipeline(variant: str, seed: int = 0, dtype: torch.dtype =
 
     if variant not in QWENIMAGE_VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(QWENIMAGE_VARIANTS)}, got {variant!r}")
+    if variant == "qwenimage21":
+        return qwenimage21_pipeline(seed, dtype, scheduler)
     cfg = dict(QWENIMAGE_CONFIGS["tiny"])
     cfg.pop("height"), cfg.pop("width")
     layered = variant == "layered"
@@ -67,6 +72,64 @@ def qwenimage_variant_pipeline(variant: str, seed: int = 0, dtype: torch.dtype =
         components["processor"] = None
     pipe = getattr(diffusers, QWENIMAGE_VARIANTS[variant])(**components)
     return _ready(pipe, dtype)
+
+
+def qwenimage21_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, scheduler=None):
+    """A tiny random-weight QwenImage21Pipeline: 16x VAE with 8 latent channels, Qwen3-VL text and vision."""
+    import diffusers
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    z_dim, hidden = 8, 16
+    torch.manual_seed(seed)
+    transformer = diffusers.QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=z_dim, out_channels=z_dim, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, context_in_dim=hidden, mlp_ratio=2, axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed)
+    # four spatial halvings: the 16x the pipeline assumes
+    vae = diffusers.AutoencoderKLQwenImage21(
+        base_dim=4, decoder_base_dim=4, z_dim=z_dim, dim_mult=[1] * 5, num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True, True], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    tokenizer = _byte_level_tokenizer(["Comprehend and analyze the provided prompt.", "a photo of a cat",
+                                       "a lighthouse at dusk", "blurry, low quality"],
+                                      extra_special=_VISION_TOKENS)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    token = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer),
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[1, 1, 2])),
+        # one merged vision token covers 32 pixels: the 2x2 latents of the 16x VAE it stands for
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"))
+    text_encoder = Qwen3VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=32 * 32, max_pixels=64 * 64)
+    processor = _image_text_processor()(image_processor, tokenizer, chat_template=_CHAT_TEMPLATE)
+    pipe = diffusers.QwenImage21Pipeline(scheduler=scheduler or diffusers.FlowMatchEulerDiscreteScheduler(),
+                                         vae=vae, text_encoder=text_encoder, processor=processor,
+                                         transformer=transformer)
+    return _ready(pipe, dtype)
+
+
+_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+#: the plain Qwen chat layout (text parts only), which the pipeline runs to count its system-prompt tokens
+_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+                  "{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
+
+
+def _image_text_processor():
+    """Qwen3-VL's processor with its image and text parts only: the video part needs torchvision."""
+    from transformers import Qwen3VLProcessor
+
+    class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return Qwen3VLImageTextProcessor
 
 
 def _image(seed: int, size: tuple[int, int]):
@@ -92,6 +155,11 @@ def qwenimage_variant_inputs(variant: str, seed: int = 0, pos_len: int = 7, neg_
     g = torch.Generator().manual_seed(seed + 1000)
     dim = QWENIMAGE_CONFIGS["tiny"]["joint_attention_dim"]
     inputs: dict = dict(true_cfg_scale=4.0, num_inference_steps=2)
+    if variant == "qwenimage21":
+        # 2.1 samples without guidance by default (scale 1): the tests turn it on
+        inputs.update(prompt="a photo of a cat", negative_prompt="blurry, low quality", height=64, width=64,
+                      output_resolution=64, image=_image(seed, (48, 32)).convert("RGBA"))
+        return inputs
     if variant == "layered":
         inputs.update(prompt="a photo of a cat", negative_prompt="blurry, low quality", layers=2,
                       image=_image(seed, (48, 32)))
