@@ -1,7 +1,8 @@
 """Per-rank bodies of the Qwen-Image variant tests (spawned by pycfg._launch.run_world; the fused kernel runs in
 Triton's interpreter on CPU, chosen before anything imports triton).
 
-A case is a plain dict: ``variant``, call overrides (``call``) and compile options (``compile``). Every rank
+A case is a plain dict: ``variant``, call overrides (``call``), compile options (``compile``) and optionally a
+``seed`` and ``inputs`` (arguments of ``qwenimage_variant_inputs``). Every rank
 builds each variant's pipeline once and runs all its cases through one world, so the tests start one world per
 cfg_parallel_size.
 """
@@ -28,7 +29,7 @@ POLICIES = {"cfg_zero_star": lambda: CFGZeroStar(4.0), "apg": lambda: APG(4.0, m
 
 def call_kwargs(case: dict) -> dict:
     """The full call of a case: the variant's tiny inputs, the case's overrides, a seeded generator."""
-    call = dict(qwenimage_variant_inputs(case["variant"], seed=case.get("seed", 0)))
+    call = dict(qwenimage_variant_inputs(case["variant"], seed=case.get("seed", 0), **case.get("inputs", {})))
     call.update(case.get("call", {}))
     call["generator"] = torch.Generator().manual_seed(case.get("seed", 0))
     return call
