@@ -33,6 +33,16 @@ QWENIMAGE_VARIANTS = {
 _FIXED_AREA = ("edit", "edit_plus", "edit_inpaint", "layered")
 
 
+def qwen_scheduler():
+    """Qwen-Image's own flow-match schedule: shifted by the image's token count (``mu``), so steps differ in
+    size and a schedule cut by ``strength`` or started at the wrong index shows."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                           base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                           time_shift_type="exponential")
+
+
 def _vae(downsamples: int):
     """A Qwen-Image VAE with ``downsamples`` spatial halvings (no temporal ones), 4 latent channels."""
     from diffusers import AutoencoderKLQwenImage
@@ -64,7 +74,7 @@ def qwenimage_variant_pipeline(variant: str, seed: int = 0, dtype: torch.dtype =
         use_additional_t_cond=layered, use_layer3d_rope=layered, **cfg)
     torch.manual_seed(seed)
     vae = _vae(6 if variant in _FIXED_AREA else 2)
-    components = dict(scheduler=scheduler or diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+    components = dict(scheduler=scheduler or qwen_scheduler(), vae=vae,
                       text_encoder=None, tokenizer=None, transformer=transformer)
     if layered:
         components["tokenizer"], components["text_encoder"] = qwen_text_encoder(cfg["joint_attention_dim"], seed)
@@ -109,7 +119,7 @@ def qwenimage21_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, sche
     image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
                                                min_pixels=32 * 32, max_pixels=64 * 64)
     processor = _image_text_processor()(image_processor, tokenizer, chat_template=_CHAT_TEMPLATE)
-    pipe = diffusers.QwenImage21Pipeline(scheduler=scheduler or diffusers.FlowMatchEulerDiscreteScheduler(),
+    pipe = diffusers.QwenImage21Pipeline(scheduler=scheduler or qwen_scheduler(),
                                          vae=vae, text_encoder=text_encoder, processor=processor,
                                          transformer=transformer)
     return _ready(pipe, dtype)
