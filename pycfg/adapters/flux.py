@@ -7,7 +7,6 @@ embedding only) run the single ``cond`` branch.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -16,26 +15,33 @@ import torch
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    default_size,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    require_negative,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
 
 
 class FluxAdapter(Adapter):
     pipeline_classes = ("FluxPipeline",)
+    capabilities = AdapterCapabilities(
+        graph_steps=True,
+        graph_value_args=("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "prompt_embeds",
+                          "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                          "latents", "generator", "true_cfg_scale", "guidance_scale", "output_type", "return_dict"),
+    )
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
         a = self.bind(kwargs)
-        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        default_size(pipe, a)
         pipe.check_inputs(
             a["prompt"],
             a["prompt_2"],
@@ -73,25 +79,13 @@ class FluxAdapter(Adapter):
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         return CFG(a["true_cfg_scale"]) if self._true_cfg(a) else NoGuidance()
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
-
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        needs_negative = reads_negative(specs)
-        if needs_negative and not self._has_negative(a):
-            raise ValueError(
-                f"guidance {policy.describe()} needs negative_prompt, or negative_prompt_embeds with "
-                "negative_pooled_prompt_embeds"
-            )
-
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        policy = self.request_policy(a, policy)
+        require_negative(policy, self._has_negative(a),
+                         "negative_prompt, or negative_prompt_embeds with negative_pooled_prompt_embeds")
+        needs_negative = self.needs_negative(policy)
+        begin_call(pipe, guidance_scale=a["guidance_scale"], joint_attention_kwargs=a["joint_attention_kwargs"])
 
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         device = pipe._execution_device
@@ -101,23 +95,23 @@ class FluxAdapter(Adapter):
         encode = dict(device=device, num_images_per_prompt=n_per, max_sequence_length=a["max_sequence_length"],
                       lora_scale=lora_scale)
 
-        embeds, pooled, text_ids = pipe.encode_prompt(
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update; a
+        # captured step's text buffers are written by later requests: never the caller's tensors
+        text = {PROMPT: [own_tensor(t, a) for t in pipe.encode_prompt(
             prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_embeds=a["prompt_embeds"],
             pooled_prompt_embeds=a["pooled_prompt_embeds"], **encode,
-        )
-        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
-        text = {PROMPT: [embeds, pooled, text_ids]}
+        )]}
         if needs_negative:
-            text[NEGATIVE] = list(pipe.encode_prompt(
+            text[NEGATIVE] = [own_tensor(t, a) for t in pipe.encode_prompt(
                 prompt=a["negative_prompt"], prompt_2=a["negative_prompt_2"],
                 prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
                 **encode,
-            ))
+            )]
 
         height, width = a["height"], a["width"]
         num_channels_latents = pipe.transformer.config.in_channels // 4
         latents, latent_image_ids = pipe.prepare_latents(
-            batch_size * n_per, num_channels_latents, height, width, embeds.dtype, device, a["generator"],
+            batch_size * n_per, num_channels_latents, height, width, text[PROMPT][0].dtype, device, a["generator"],
             a["latents"],
         )
         latents = own_tensor(latents, a["latents"])
@@ -139,11 +133,10 @@ class FluxAdapter(Adapter):
         pipe._num_timesteps = len(timesteps)
 
         transformer = pipe.transformer
+        guidance_value = guidance = None
         if transformer.config.guidance_embeds:
-            guidance = torch.full([1], a["guidance_scale"], device=device, dtype=torch.float32)
-            guidance = guidance.expand(latents.shape[0])
-        else:
-            guidance = None
+            guidance_value = torch.full([1], a["guidance_scale"], device=device, dtype=torch.float32)
+            guidance = guidance_value.expand(latents.shape[0])
 
         ip_image, ip_embeds = a["ip_adapter_image"], a["ip_adapter_image_embeds"]
         neg_ip_image, neg_ip_embeds = a["negative_ip_adapter_image"], a["negative_ip_adapter_image_embeds"]
@@ -163,14 +156,14 @@ class FluxAdapter(Adapter):
                                                                           batch_size * n_per)
         scheduler.set_begin_index(0)
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            t = step.select(timesteps)
             pipe._current_timestep = t
             timestep = t.expand(x.shape[0]).to(x.dtype)
             attention_kwargs = pipe._joint_attention_kwargs
             preds = []
             for name in names:
-                spec = specs[name]
+                spec = policy.branch(name)
                 if spec.source in image_embeds:
                     attention_kwargs["ip_adapter_image_embeds"] = image_embeds[spec.source]
                 prompt_embeds, pooled_embeds, ids = text[spec.source]
@@ -189,38 +182,38 @@ class FluxAdapter(Adapter):
                     )[0])
             return preds
 
-        callback = a["callback_on_step_end"]
-
         def apply(outputs):
             if "prompt_embeds" in outputs:
                 text[PROMPT][0] = outputs.pop("prompt_embeds")
 
+        callback = a["callback_on_step_end"]
         step_end = make_step_end(
             pipe, callback, callback_tensor_inputs(callback, a["callback_on_step_end_tensor_inputs"]), timesteps,
             lambda x: {"latents": x, "prompt_embeds": text[PROMPT][0]}, apply,
         )
-        output_type, return_dict = a["output_type"], a["return_dict"]
 
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            if output_type == "latent":
-                image = x
-            else:
-                x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
-                x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-                x = x.to(module.get_module_execution_device(pipe.vae))
-                image = pipe.vae.decode(x, return_dict=False)[0]
-                image = pipe.image_processor.postprocess(image, output_type=output_type)
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (image,)
-            return module.FluxPipelineOutput(images=image)
+        def decode(x: torch.Tensor, output_type: str):
+            x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+            x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+            x = x.to(module.get_module_execution_device(pipe.vae))
+            image = pipe.vae.decode(x, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type=output_type)
+
+        def graph_inputs() -> dict[str, torch.Tensor]:
+            tensors = {"timesteps": timesteps, "img_ids": latent_image_ids}
+            for source, parts in text.items():
+                tensors.update({f"{source}_{k}": v for k, v in zip(("embeds", "pooled", "ids"), parts)})
+            if guidance_value is not None:
+                tensors["guidance"] = guidance_value
+            return tensors
 
         policy.set_timesteps([t.item() for t in timesteps])
-        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
-            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
-            finish=finish,
+            latents=latents, timesteps=timesteps, policy=policy, forward=forward,
+            update=self.make_update(scheduler, timesteps, generator=a["generator"]),
+            finish=make_finish(pipe, a, decode, module.FluxPipelineOutput, "images"),
             step_end=step_end,
             prediction_dtype=transformer.dtype,
+            not_graphable="IP-Adapter image embeddings are switched per branch on the host" if image_embeds else None,
+            graph_inputs=graph_inputs,
         )

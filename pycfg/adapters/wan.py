@@ -8,7 +8,6 @@ per-step scales are decided on the host from the same timesteps and the same com
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -16,27 +15,32 @@ import torch
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
     StepScaledCFG,
     batch_groups,
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    require_negative,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
 
 
 class WanAdapter(Adapter):
     pipeline_classes = ("WanPipeline",)
-    #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device.
-    #: A run whose expert changes mid-way is never captured: a graph would replay one expert at every step.
-    graph_step_index = True
-    graph_value_args = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
-                        "guidance_scale", "guidance_scale_2", "output_type", "return_dict")
+    #: a run whose expert changes mid-way is never captured (its job says why): a captured step would replay one
+    #: expert at every step
+    capabilities = AdapterCapabilities(
+        batchable=True,
+        graph_steps=True,
+        transformer_modules=("transformer", "transformer_2"),
+        graph_value_args=("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents",
+                          "generator", "guidance_scale", "guidance_scale_2", "output_type", "return_dict"),
+    )
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
@@ -57,16 +61,35 @@ class WanAdapter(Adapter):
         check_output_type(a["output_type"])
         return a
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, *self._experts())
+    def boundary_timestep(self) -> float | None:
+        """Wan 2.2: the timestep below which ``transformer_2`` denoises; None for one expert."""
+        ratio = self.pipe.config.boundary_ratio
+        return None if ratio is None else ratio * self.pipe.scheduler.config.num_train_timesteps
 
-    def _experts(self):
-        pipe = self.pipe
-        return pipe.transformer, pipe.transformer_2
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        # the stock loop: CFG iff guidance_scale > 1 (the property), whatever guidance_scale_2 is
+        if a["guidance_scale"] <= 1.0:
+            return NoGuidance()
+        if self.boundary_timestep() is None:
+            # one expert, one scale: stock's combine is plain CFG's, which the fused kernel and step graphs take
+            return CFG(a["guidance_scale"])
+        # the scale follows the expert, step by step, as stock decides it
+        scale, scale_2 = a["guidance_scale"], a["guidance_scale_2"]
+        scale_2 = scale if scale_2 is None else scale_2
+        return StepScaledCFG([scale if first else scale_2 for first in self.first_expert(a["num_inference_steps"])])
+
+    def first_expert(self, num_inference_steps: int, device=None) -> list[bool]:
+        """Per step, whether ``transformer`` (not ``transformer_2``) denoises it: stock's comparison of the
+        scheduler's timesteps with the boundary."""
+        scheduler = self.private_scheduler()
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        boundary = self.boundary_timestep()
+        return [bool(boundary is None or t >= boundary) for t in scheduler.timesteps]
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        transformer, transformer_2 = self._experts()
+        transformer, transformer_2 = pipe.transformer, pipe.transformer_2
+        model0 = transformer if transformer is not None else transformer_2
         vae_t = pipe.vae_scale_factor_temporal
 
         num_frames = a["num_frames"]
@@ -76,7 +99,7 @@ class WanAdapter(Adapter):
             )
             num_frames = num_frames // vae_t * vae_t + 1
         num_frames = max(num_frames, 1)
-        patch_size = transformer.config.patch_size if transformer is not None else transformer_2.config.patch_size
+        patch_size = model0.config.patch_size
         h_multiple_of = pipe.vae_scale_factor_spatial * patch_size[1]
         w_multiple_of = pipe.vae_scale_factor_spatial * patch_size[2]
         height, width = a["height"], a["width"]
@@ -92,17 +115,12 @@ class WanAdapter(Adapter):
         guidance_scale, guidance_scale_2 = a["guidance_scale"], a["guidance_scale_2"]
         if pipe.config.boundary_ratio is not None and guidance_scale_2 is None:
             guidance_scale_2 = guidance_scale
-        pipe._guidance_scale = guidance_scale
-        pipe._guidance_scale_2 = guidance_scale_2
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        begin_call(pipe, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                   attention_kwargs=a["attention_kwargs"])
         device = pipe._execution_device
 
-        # the stock loop: CFG iff guidance_scale > 1 (the property), whatever guidance_scale_2 is
-        default_cfg = guidance_scale > 1.0
-        needs_negative = reads_negative(branch_specs(policy)) if policy is not None else default_cfg
-
+        needs_negative = self.needs_negative(policy) if policy is not None else guidance_scale > 1.0
+        policy = self.request_policy(a, policy)
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
             prompt=a["prompt"],
@@ -114,22 +132,20 @@ class WanAdapter(Adapter):
             max_sequence_length=a["max_sequence_length"],
             device=device,
         )
-        transformer_dtype = transformer.dtype if transformer is not None else transformer_2.dtype
+        transformer_dtype = model0.dtype
         # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
         # a captured step's text buffers are written by later requests: never the caller's tensors
         text = {PROMPT: own_tensor(prompt_embeds.to(transformer_dtype), a)}
         if negative_prompt_embeds is not None:
             text[NEGATIVE] = own_tensor(negative_prompt_embeds.to(transformer_dtype), a)
+        require_negative(policy, NEGATIVE in text)
 
         scheduler = self.private_scheduler()
         scheduler.set_timesteps(a["num_inference_steps"], device=device)
         timesteps = scheduler.timesteps
 
-        num_channels_latents = (
-            transformer.config.in_channels if transformer is not None else transformer_2.config.in_channels
-        )
         latents = pipe.prepare_latents(
-            batch_size * a["num_videos_per_prompt"], num_channels_latents, height, width, num_frames,
+            batch_size * a["num_videos_per_prompt"], model0.config.in_channels, height, width, num_frames,
             torch.float32, device, a["generator"], a["latents"],
         )
         latents = own_tensor(latents, a["latents"])
@@ -137,49 +153,23 @@ class WanAdapter(Adapter):
         pipe._num_timesteps = len(timesteps)
         scheduler.set_begin_index(0)
 
-        if pipe.config.boundary_ratio is not None:
-            boundary_timestep = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
-        else:
-            boundary_timestep = None
+        boundary_timestep = self.boundary_timestep()
         first_expert = [bool(boundary_timestep is None or t >= boundary_timestep) for t in timesteps]
-
-        if policy is not None:
-            policy = copy.deepcopy(policy)
-        elif default_cfg and boundary_timestep is None:
-            # one expert, one scale: stock's combine is plain CFG's, which the fused kernel and step graphs take
-            policy = CFG(guidance_scale)
-        elif default_cfg:
-            policy = StepScaledCFG([guidance_scale if first else guidance_scale_2 for first in first_expert])
-        else:
-            policy = NoGuidance()
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        if reads_negative(specs) and NEGATIVE not in text:
-            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
-
         attention_kwargs = a["attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            if isinstance(i, int):
-                t = timesteps[i]
-                model = transformer if first_expert[i] else transformer_2
-                cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]),
-                                "num_inference_steps": len(timesteps)}
-            else:
-                # a replayed step: no host value of the step may be baked in, and only single-expert runs
-                # get here (see not_graphable below)
-                t = timesteps.index_select(0, i)[0]
-                model = transformer if first_expert[0] else transformer_2
-                cache_kwargs = {"num_inference_steps": len(timesteps)}
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            # the expert is a host choice: runs that switch experts are never captured (not_graphable below)
+            t = step.select(timesteps)
+            model = transformer if first_expert[step.i] else transformer_2
             pipe._current_timestep = t
             model_input = x.to(transformer_dtype)
-            # read per call: batch_branches="auto" is decided by measurement after prepare()
-            batch = getattr(self, "batch_branches", False) is True
+            cache_kwargs = {"step_index": step.i, "sigma": float(scheduler.sigmas[step.i]),
+                            "num_inference_steps": len(timesteps)}
             preds: dict[str, torch.Tensor] = {}
-            for group in batch_groups(names, batch, batch_key):
-                n, spec = len(group), specs[group[0]]
+            for group in batch_groups(names, batched, batch_key):
+                n, spec = len(group), policy.branch(group[0])
                 hidden = model_input if n == 1 else torch.cat([model_input] * n)
-                embeds = text[spec.source] if n == 1 else torch.cat([text[specs[m].source] for m in group])
+                embeds = text[spec.source] if n == 1 else torch.cat([text[policy.branch(m).source] for m in group])
                 if pipe.config.expand_timesteps:
                     temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()
                     timestep = temp_ts.unsqueeze(0).expand(hidden.shape[0], -1)
@@ -199,7 +189,7 @@ class WanAdapter(Adapter):
 
         def batch_key(name: str):
             # branches batch together when their forwards differ only in same-shape text inputs
-            spec = specs[name]
+            spec = policy.branch(name)
             return (spec.perturbation, tuple(text[spec.source].shape))
 
         def apply(outputs):
@@ -208,42 +198,27 @@ class WanAdapter(Adapter):
             if "negative_prompt_embeds" in outputs:
                 text[NEGATIVE] = outputs.pop("negative_prompt_embeds")
 
-        step_end = make_step_end(
-            pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
-            lambda x: {"latents": x, "prompt_embeds": text[PROMPT], "negative_prompt_embeds": text.get(NEGATIVE)},
-            apply,
-        )
-        output_type, return_dict = a["output_type"], a["return_dict"]
-
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            if output_type != "latent":
-                vae = pipe.vae
-                x = x.to(module.get_module_execution_device(vae), dtype=vae.dtype)
-                z_dim = vae.config.z_dim
-                latents_mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
-                latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
-                    x.device, x.dtype
-                )
-                x = x / latents_std + latents_mean
-                video = vae.decode(x, return_dict=False)[0]
-                video = pipe.video_processor.postprocess_video(video, output_type=output_type)
-            else:
-                video = x
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (video,)
-            return module.WanPipelineOutput(frames=video)
+        def decode(x: torch.Tensor, output_type: str):
+            vae = pipe.vae
+            x = x.to(module.get_module_execution_device(vae), dtype=vae.dtype)
+            z_dim = vae.config.z_dim
+            latents_mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+            latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+            x = x / latents_std + latents_mean
+            video = vae.decode(x, return_dict=False)[0]
+            return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
         policy.set_timesteps([t.item() for t in timesteps])
-        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
-        model = transformer if transformer is not None else transformer_2
         return self.denoise_job(
-            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
-            finish=finish,
-            # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
-            step_end=step_end if a["callback_on_step_end"] is not None else None,
-            prediction_dtype=model.dtype,
+            latents=latents, timesteps=timesteps, policy=policy, forward=forward,
+            update=self.make_update(scheduler, timesteps, generator=a["generator"]),
+            finish=make_finish(pipe, a, decode, module.WanPipelineOutput, "frames"),
+            step_end=make_step_end(
+                pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
+                lambda x: {"latents": x, "prompt_embeds": text[PROMPT], "negative_prompt_embeds": text.get(NEGATIVE)},
+                apply,
+            ),
+            prediction_dtype=model0.dtype,
             not_graphable=None if len(set(first_expert)) <= 1 else
             "the two experts switch mid-run: one captured step would replay one expert at every step",
             # with two experts, which one a step runs is baked into its capture: graphs serve one request only
