@@ -45,20 +45,15 @@ def images(output):
     return first
 
 
-def stock_output(case: dict):
-    pipe = qwenimage_variant_pipeline(case["variant"])
-    return images(pipe(**call_kwargs(case)))
-
-
 def same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
 
 
-def run_cases(rank: int, world: int, cases: list[dict]) -> list:
-    """Every case on this rank; returns the outputs (tensors or arrays) in case order."""
-    pipes: dict[str, object] = {}
+def run_cases(rank: int, world: int, cases: list[dict], pipes: dict | None = None) -> list:
+    """Every case at cfg_parallel_size ``world`` on this rank; returns the outputs (tensors or arrays) in order."""
+    pipes = {} if pipes is None else pipes
     out = []
     for case in cases:
         variant = case["variant"]
@@ -75,3 +70,21 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
             continue
         out.append(images(fast(**call_kwargs(case))))
     return out
+
+
+def stock_and_sizes_1_2(rank: int, world: int, stock: list[dict], size_1: list[dict], size_2: list[dict]) -> dict:
+    """The stock outputs and the size-1 cases shared out over the ranks (each rank alone is a size-1 CFG group),
+    then every size-2 case on every rank; one pipeline per variant serves all of them."""
+    pipes: dict = {}
+
+    def stock_output(case: dict):
+        variant = case["variant"]
+        if variant not in pipes:
+            pipes[variant] = qwenimage_variant_pipeline(variant)
+        return images(pipes[variant](**call_kwargs(case)))
+
+    mine = range(rank, len(stock), world)
+    stock_out = {k: stock_output(stock[k]) for k in mine}
+    mine = list(range(rank, len(size_1), world))
+    size_1_out = dict(zip(mine, run_cases(rank, 1, [size_1[k] for k in mine], pipes)))
+    return {"stock": stock_out, "size_1": size_1_out, "size_2": run_cases(rank, world, size_2, pipes)}
