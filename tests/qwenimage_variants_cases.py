@@ -65,7 +65,8 @@ def run_cases(rank: int, world: int, cases: list[dict], pipes: dict | None = Non
         fast = pycfg.compile(pipes[variant], cfg_parallel_size=world, **options)
         if case.get("step_graphs"):
             fast.step_graphs = StepGraphs("cpu", capture=False)
-            results = [images(fast(**call_kwargs(dict(case, seed=seed)))) for seed in case["step_graphs"]]
+            results = [images(fast(**call_kwargs(dict(case, seed=seed, inputs=inputs))))
+                       for seed, inputs in case["step_graphs"]]
             out.append({"results": results, "stats": fast.step_graphs.describe()})
             continue
         out.append(images(fast(**call_kwargs(case))))

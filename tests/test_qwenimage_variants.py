@@ -30,6 +30,8 @@ FEATURE_VARIANTS = ("img2img", "inpaint", "edit")  # small images, and the three
 #: guidance policies (by name in ``cases.POLICIES``), checked equal across sizes and different from stock's CFG
 POLICY_CASES = [dict(variant=v, call=dict(output_type="latent"), compile=dict(guidance=p))
                 for v, p in (("img2img", "cfg_zero_star"), ("inpaint", "apg"), ("edit", "cfg_zero_star"))]
+#: the requests through one cached step runner: (seed, arguments of ``qwenimage_variant_inputs``)
+STEP_GRAPH_REQUESTS = [(0, {}), (1, {}), (0, {}), (0, dict(portrait=True))]
 #: both branches' texts of one length, so batch_branches=True really runs one batched forward
 SAME_LENGTH = dict(pos_len=7, neg_len=7)
 
@@ -44,9 +46,12 @@ def feature_cases() -> dict[str, list[dict]]:
         "fused": [case(v, "latent", fused=True) for v in FEATURE_VARIANTS],
         "batched": [dict(case(v, "latent", batch_branches=True), inputs=SAME_LENGTH) for v in FEATURE_VARIANTS],
         # one cached step runner across requests with other input images, texts and seeds (fused, as graphs
-        # run), and the plain fused loop's result for seed 1 beside it
-        "step_graphs": [dict(case(v, "latent", fused=True), step_graphs=[0, 1, 0]) for v in ("inpaint", "edit")],
+        # run), then an input image on its side (the same shapes, another token grid): the plain fused loop's
+        # results for the second and the last beside them
+        "step_graphs": [dict(case(v, "latent", fused=True), step_graphs=STEP_GRAPH_REQUESTS)
+                        for v in ("inpaint", "edit")],
         "fused_seed1": [dict(case(v, "latent", fused=True), seed=1) for v in ("inpaint", "edit")],
+        "fused_portrait": [dict(case("edit", "latent", fused=True), inputs=dict(portrait=True))],
     }
 
 
@@ -125,11 +130,15 @@ def test_features_at_size_2(runs):
             assert rel_err(rank0, stock[stock_key(c)]) < 1e-5, (c, rel_err(rank0, stock[stock_key(c)]))
     for c, plain in zip(groups["step_graphs"], groups["fused_seed1"]):
         for out in by_case[repr(c)]:
-            first, second, third = out["results"]
+            first, second, third, fourth = out["results"]
             assert torch.equal(first, third) and not torch.equal(first, second), c
             assert torch.equal(second, by_case[repr(plain)][0]), c
             assert rel_err(first, stock[stock_key(c)]) < 1e-5, c
-            assert out["stats"]["reused"] == 2, out["stats"]
+            if c["variant"] == "edit":  # another token grid: a runner of its own, the plain loop's result
+                assert torch.equal(fourth, by_case[repr(groups["fused_portrait"][0])][0]), c
+                assert out["stats"]["reused"] == 2 and out["stats"]["cached_shapes"] == 2, out["stats"]
+            else:
+                assert out["stats"]["reused"] == 3, out["stats"]
 
 
 def test_engine_takes_pil_images(runs):

@@ -159,9 +159,10 @@ def _mask(size: tuple[int, int]):
 
 
 def qwenimage_variant_inputs(variant: str, seed: int = 0, pos_len: int = 7, neg_len: int = 5,
-                             dtype: torch.dtype = torch.float32) -> dict:
+                             dtype: torch.dtype = torch.float32, portrait: bool = False) -> dict:
     """Call arguments for :func:`qwenimage_variant_pipeline`: PIL input image(s), text of unequal lengths for
-    the two branches, 2 steps, ``true_cfg_scale=4``; ``strength < 1`` where the pipeline takes one."""
+    the two branches, 2 steps, ``true_cfg_scale=4``; ``strength < 1`` where the pipeline takes one.
+    ``portrait``: the edit pipelines' first input image turned on its side (the same token count, another grid)."""
     g = torch.Generator().manual_seed(seed + 1000)
     dim = QWENIMAGE_CONFIGS["tiny"]["joint_attention_dim"]
     inputs: dict = dict(true_cfg_scale=4.0, num_inference_steps=2)
@@ -182,7 +183,7 @@ def qwenimage_variant_inputs(variant: str, seed: int = 0, pos_len: int = 7, neg_
     )
     if variant in ("edit", "edit_plus"):
         # the output size is free (the input image is still encoded at about one megapixel)
-        inputs.update(image=_image(seed, (64, 48)), height=256, width=256)
+        inputs.update(image=_image(seed, (48, 64) if portrait else (64, 48)), height=256, width=256)
         if variant == "edit_plus":
             inputs["image"] = [inputs["image"], _image(seed + 1, (48, 48))]
     elif variant in ("img2img", "inpaint"):
