@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import qwenimage_variants_cases as cases
 import torch
-from helpers import rel_err
+from helpers import ForwardCounter, rel_err
 
 import pycfg
 from pycfg._launch import run_world
@@ -148,3 +149,22 @@ def test_engine_takes_pil_images(runs):
     with pycfg.Engine(functools.partial(qwenimage_variant_pipeline, variant), cfg_parallel_size=2) as engine:
         got = cases.images(engine.generate(**inputs, generator=torch.Generator().manual_seed(0)))
     assert cases.same(got, runs["stock"][stock_key(case(variant, "np"))])
+
+
+def test_bad_input_fails_before_any_model_runs():
+    layered, edit_plus, edit = (qwenimage_variant_pipeline(v) for v in ("layered", "edit_plus", "edit"))
+    counters = [ForwardCounter(module) for pipe in (layered, edit_plus, edit)
+                for module in (pipe.transformer, pipe.vae.encoder)]
+    inputs = qwenimage_variant_inputs("layered")
+    with pytest.raises(ValueError, match="output_type must be 'pil', 'np' or 'pt'"):
+        pycfg.compile(layered)(**inputs, output_type="latent")
+    with pytest.raises(ValueError, match="resolution must be one of"):
+        pycfg.compile(layered)(**inputs, resolution=512)
+    inputs = qwenimage_variant_inputs("edit_plus")
+    two = {k: torch.cat([v, v]) for k, v in inputs.items() if k.startswith(("prompt", "negative"))}
+    with pytest.raises(ValueError, match="batch size 1"):
+        pycfg.compile(edit_plus)(**{**inputs, **two})
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    with pytest.raises(TypeError, match="image must be a PIL image"):
+        pycfg.compile(edit)(**{**qwenimage_variant_inputs("edit"), "image": image})
+    assert all(counter.calls == 0 for counter in counters)

@@ -38,16 +38,16 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
         return self.module.calculate_dimensions(a["resolution"] ** 2, width / height)
 
     def default_size(self, a: dict[str, Any]) -> None:
-        if a["resolution"] not in RESOLUTIONS:
-            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {a['resolution']!r}")
-        if a["output_type"] == "latent":
-            raise ValueError("output_type must be 'pil', 'np' or 'pt' for QwenImageLayeredPipeline: its own call "
-                             "fails on 'latent' (diffusers 0.42.1)")
         width, height = self.input_size(a)
         multiple = self.pipe.vae_scale_factor * 2
         a["width"], a["height"] = width // multiple * multiple, height // multiple * multiple
 
     def check_inputs(self, a: dict[str, Any]) -> None:
+        if a["resolution"] not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {a['resolution']!r}")
+        if a["output_type"] == "latent":
+            raise ValueError("output_type must be 'pil', 'np' or 'pt' for QwenImageLayeredPipeline: its own call "
+                             "fails on 'latent' (diffusers 0.42.1)")
         self.pipe.check_inputs(a["height"], a["width"], **self.text_check_kwargs(a))
 
     def renorm(self, a: dict[str, Any]) -> bool:
