@@ -58,7 +58,10 @@ def feature_cases() -> dict[str, list[dict]]:
 
 def size_cases(world: int) -> list[dict]:
     if world == 1:
-        return [case(v, t) for v in VARIANTS for t in OUTPUT_TYPES[v]] + POLICY_CASES
+        # inpainting inside a crop around the mask, pasted back over the input image
+        crop = dict(variant="inpaint", compile={},
+                    call=dict(output_type="pil", padding_mask_crop=4, height=40, width=40))
+        return [case(v, t) for v in VARIANTS for t in OUTPUT_TYPES[v]] + [crop] + POLICY_CASES
     exact = [case(v, LATENTS[v], check_consistency=True) for v in VARIANTS]
     if world == 3:
         return exact + POLICY_CASES

@@ -84,9 +84,10 @@ class QwenImageImg2ImgAdapter(QwenImageAdapter):
 
 
 class InpaintImages(NamedTuple):
-    original: Any  # what the output is pasted back over (with a crop)
-    prompt: Any  # what ``encode_prompt`` reads (edit-inpaint)
-    init: torch.Tensor  # preprocessed image
+    #: the input image (edit-inpaint: resized): what ``encode_prompt`` reads and the output is pasted over
+    original: Any
+    #: preprocessed (cropped, resized, normalised) for the VAE
+    init: torch.Tensor
     crops_coords: Any
     resize_mode: str
 
@@ -110,7 +111,7 @@ class QwenImageInpaintAdapter(QwenImageImg2ImgAdapter):
         height, width = (req.height, req.width) if size is None else (size[1], size[0])
         init = pipe.image_processor.preprocess(image, height=height, width=width, crops_coords=crops,
                                                resize_mode=mode)
-        req.images = InpaintImages(image, image, init.to(dtype=torch.float32), crops, mode)
+        req.images = InpaintImages(image, init.to(dtype=torch.float32), crops, mode)
 
     def prepare_noised_latents(self, req: QwenRequest, view: SchedulerView, timestep, batch: int) -> None:
         """As img2img, plus the packed mask and the image latents the blend reads at each step."""
@@ -169,7 +170,7 @@ class QwenImageEditInpaintAdapter(QwenImageInpaintAdapter):
         super().prepare_images(req, size=self.input_size(req.args))
 
     def prompt_kwargs(self, req: QwenRequest) -> dict[str, Any]:
-        return {"image": req.images.prompt}
+        return {"image": req.images.original}
 
     def input_sizes(self, req: QwenRequest) -> list[tuple[int, int]]:
         return [self.input_size(req.args)]
