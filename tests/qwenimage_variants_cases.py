@@ -18,13 +18,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pycfg  # noqa: E402
-from pycfg.guidance import APG, CFGZeroStar  # noqa: E402
+from pycfg.guidance import APG, PAG, CFGZeroStar, SkipLayer  # noqa: E402
 from pycfg.runtime.graphs import StepGraphs  # noqa: E402
 from pycfg.tiny import qwenimage_variant_inputs, qwenimage_variant_pipeline  # noqa: E402
 
 #: stock's output for Layered with output_type="latent" is an UnboundLocalError: its cases compare "pt"
 DECODED = ("pil", "np", "pt")
-POLICIES = {"cfg_zero_star": lambda: CFGZeroStar(4.0), "apg": lambda: APG(4.0, momentum=-0.5)}
+POLICIES = {
+    "cfg_zero_star": lambda: CFGZeroStar(4.0),
+    "apg": lambda: APG(4.0, momentum=-0.5),
+    # a third, perturbed branch at every step: three forwards, one per rank at size 3
+    "pag": lambda: PAG(4.0, 2.0, layers=[0], start=0.0, stop=1.0),
+    "skip_layer": lambda: SkipLayer(4.0, 2.0, layers=[1], start=0.0, stop=1.0),
+}
 
 
 def call_kwargs(case: dict) -> dict:

@@ -30,7 +30,8 @@ LATENTS = {v: "pt" if v == "layered" else "latent" for v in VARIANTS}
 FEATURE_VARIANTS = ("img2img", "inpaint", "edit")  # small images, and the three ways an image enters
 #: guidance policies (by name in ``cases.POLICIES``), checked equal across sizes and different from stock's CFG
 POLICY_CASES = [dict(variant=v, call=dict(output_type="latent"), compile=dict(guidance=p))
-                for v, p in (("img2img", "cfg_zero_star"), ("inpaint", "apg"), ("edit", "cfg_zero_star"))]
+                for v, p in (("img2img", "cfg_zero_star"), ("inpaint", "apg"), ("edit", "cfg_zero_star"),
+                             ("img2img", "pag"), ("inpaint", "skip_layer"))]
 #: the requests through one cached step runner: (seed, arguments of ``qwenimage_variant_inputs``)
 STEP_GRAPH_REQUESTS = [(0, {}), (1, {}), (0, {}), (0, dict(portrait=True))]
 #: both branches' texts of one length, so batch_branches=True really runs one batched forward
