@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ._common import prompt_batch_size
 from .base import own_tensor
 from .qwenimage import QwenImageAdapter, QwenRequest
 
@@ -83,8 +84,7 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         super().check_inputs(a)
-        prompt = a["prompt"]
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+        batch = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         if batch > 1:
             raise ValueError(f"QwenImageEditPlusPipeline takes one prompt per call (batch size 1), got {batch}")
 
