@@ -57,18 +57,23 @@ def same(a, b) -> bool:
     return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
 
 
+def pipeline(case: dict, pipes: dict):
+    """The case's pipeline, built once per process: by variant, and with a text encoder for prompt strings."""
+    key = (case["variant"], case.get("inputs", {}).get("text", False))
+    if key not in pipes:
+        pipes[key] = qwenimage_variant_pipeline(key[0], text_encoder=key[1])
+    return pipes[key]
+
+
 def run_cases(rank: int, world: int, cases: list[dict], pipes: dict | None = None) -> list:
     """Every case at cfg_parallel_size ``world`` on this rank; returns the outputs (tensors or arrays) in order."""
     pipes = {} if pipes is None else pipes
     out = []
     for case in cases:
-        variant = case["variant"]
-        if variant not in pipes:
-            pipes[variant] = qwenimage_variant_pipeline(variant)
         options = dict(case.get("compile", {}))
         if "guidance" in options:
             options["guidance"] = POLICIES[options["guidance"]]()
-        fast = pycfg.compile(pipes[variant], cfg_parallel_size=world, **options)
+        fast = pycfg.compile(pipeline(case, pipes), cfg_parallel_size=world, **options)
         if case.get("step_graphs"):
             fast.step_graphs = StepGraphs("cpu", capture=False)
             results = [images(fast(**call_kwargs(dict(case, seed=seed, inputs=inputs))))
@@ -83,15 +88,7 @@ def stock_and_sizes_1_2(rank: int, world: int, stock: list[dict], size_1: list[d
     """The stock outputs and the size-1 cases shared out over the ranks (each rank alone is a size-1 CFG group),
     then every size-2 case on every rank; one pipeline per variant serves all of them."""
     pipes: dict = {}
-
-    def stock_output(case: dict):
-        variant = case["variant"]
-        if variant not in pipes:
-            pipes[variant] = qwenimage_variant_pipeline(variant)
-        return images(pipes[variant](**call_kwargs(case)))
-
-    mine = range(rank, len(stock), world)
-    stock_out = {k: stock_output(stock[k]) for k in mine}
+    stock_out = {k: images(pipeline(stock[k], pipes)(**call_kwargs(stock[k]))) for k in range(rank, len(stock), world)}
     mine = list(range(rank, len(size_1), world))
     size_1_out = dict(zip(mine, run_cases(rank, 1, [size_1[k] for k in mine], pipes)))
     return {"stock": stock_out, "size_1": size_1_out, "size_2": run_cases(rank, world, size_2, pipes)}

@@ -32,6 +32,9 @@ FEATURE_VARIANTS = ("img2img", "inpaint", "edit")  # small images, and the three
 POLICY_CASES = [dict(variant=v, call=dict(output_type="latent"), compile=dict(guidance=p))
                 for v, p in (("img2img", "cfg_zero_star"), ("inpaint", "apg"), ("edit", "cfg_zero_star"),
                              ("img2img", "pag"), ("inpaint", "skip_layer"))]
+#: the edit pipelines with prompt strings, which their Qwen-VL encoder reads with the input image
+TEXT_CASES = [dict(variant=v, call=dict(output_type="latent"), compile={}, inputs=dict(text=True))
+              for v in ("edit", "edit_plus")]
 #: the requests through one cached step runner: (seed, arguments of ``qwenimage_variant_inputs``)
 STEP_GRAPH_REQUESTS = [(0, {}), (1, {}), (0, {}), (0, dict(portrait=True))]
 #: both branches' texts of one length, so batch_branches=True really runs one batched forward
@@ -62,8 +65,8 @@ def size_cases(world: int) -> list[dict]:
         # inpainting inside a crop around the mask, pasted back over the input image
         crop = dict(variant="inpaint", compile={},
                     call=dict(output_type="pil", padding_mask_crop=4, height=40, width=40))
-        return [case(v, t) for v in VARIANTS for t in OUTPUT_TYPES[v]] + [crop] + POLICY_CASES
-    exact = [case(v, LATENTS[v], check_consistency=True) for v in VARIANTS]
+        return [case(v, t) for v in VARIANTS for t in OUTPUT_TYPES[v]] + [crop] + TEXT_CASES + POLICY_CASES
+    exact = [case(v, LATENTS[v], check_consistency=True) for v in VARIANTS] + TEXT_CASES
     if world == 3:
         return exact + POLICY_CASES
     return exact + POLICY_CASES + [c for group in feature_cases().values() for c in group]
@@ -81,10 +84,15 @@ def stock_key(c: dict, **call) -> tuple:
 def stock_cases() -> list[dict]:
     """Every stock run a case is compared with, and each variant with guidance off."""
     wanted = {stock_key(c): c for world in (1, 2, 3) for c in size_cases(world) if "guidance" not in c["compile"]}
-    for v in VARIANTS:
-        off = dict(case(v, LATENTS[v]), call=dict(output_type=LATENTS[v], true_cfg_scale=1.0))
+    for c in guided_cases():
+        off = dict(c, call=dict(c["call"], true_cfg_scale=1.0))
         wanted[stock_key(off)] = off
     return list(wanted.values())
+
+
+def guided_cases() -> list[dict]:
+    """One case per variant (and per text path) whose stock output must change with guidance off."""
+    return [case(v, LATENTS[v]) for v in VARIANTS] + TEXT_CASES
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +110,8 @@ def runs() -> dict:
 def test_guidance_changes_the_stock_output(runs):
     """Else parity with stock passes vacuously (Qwen's template cuts can leave prompt == negative)."""
     stock = runs["stock"]
-    for v in VARIANTS:
-        with_cfg = stock[stock_key(case(v, LATENTS[v]))]
-        assert not cases.same(with_cfg, stock[stock_key(case(v, LATENTS[v]), true_cfg_scale=1.0)]), v
+    for c in guided_cases():
+        assert not cases.same(stock[stock_key(c)], stock[stock_key(c, true_cfg_scale=1.0)]), c
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -31,6 +31,8 @@ QWENIMAGE_VARIANTS = {
 }
 #: variants whose input image is resized to a fixed area (they get the 64x VAE)
 _FIXED_AREA = ("edit", "edit_plus", "edit_inpaint", "layered")
+#: variants whose ``encode_prompt`` reads the input image
+_EDIT = ("edit", "edit_plus", "edit_inpaint")
 
 
 def qwen_scheduler():
@@ -56,8 +58,12 @@ def _vae(downsamples: int):
                                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
-def qwenimage_variant_pipeline(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32, scheduler=None):
-    """A tiny random-weight pipeline of one Qwen-Image variant (a key of ``QWENIMAGE_VARIANTS``)."""
+def qwenimage_variant_pipeline(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32, scheduler=None,
+                               text_encoder: bool = False):
+    """A tiny random-weight pipeline of one Qwen-Image variant (a key of ``QWENIMAGE_VARIANTS``).
+
+    ``text_encoder=True`` (edit pipelines): a Qwen2.5-VL encoder and processor, so prompt strings are encoded
+    with the input image (see :func:`qwenimage_variant_inputs`' ``text``)."""
     import diffusers
 
     if variant not in QWENIMAGE_VARIANTS:
@@ -80,6 +86,9 @@ def qwenimage_variant_pipeline(variant: str, seed: int = 0, dtype: torch.dtype =
         components["tokenizer"], components["text_encoder"] = qwen_text_encoder(cfg["joint_attention_dim"], seed)
     if variant in _FIXED_AREA:
         components["processor"] = None
+    if text_encoder and variant in _EDIT:
+        components["tokenizer"], components["text_encoder"], components["processor"] = qwen_vl_text_stack(
+            cfg["joint_attention_dim"], seed)
     pipe = getattr(diffusers, QWENIMAGE_VARIANTS[variant])(**components)
     return _ready(pipe, dtype)
 
@@ -131,15 +140,45 @@ _CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }
                   "{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}")
 
 
-def _image_text_processor():
-    """Qwen3-VL's processor with its image and text parts only: the video part needs torchvision."""
-    from transformers import Qwen3VLProcessor
+def _image_text_processor(base=None):
+    """A Qwen-VL processor (Qwen3-VL's unless ``base`` names another) with its image and text parts only: the
+    video part needs torchvision. Its attributes are read off ``__init__``'s parameters, hence the subclass."""
+    if base is None:
+        from transformers import Qwen3VLProcessor as base
 
-    class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
+    class ImageTextProcessor(base):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return Qwen3VLImageTextProcessor
+    return ImageTextProcessor
+
+
+def qwen_vl_text_stack(hidden_size: int, seed: int = 0):
+    """(tokenizer, Qwen2.5-VL encoder with a vision tower, image-and-text processor) for the edit pipelines,
+    whose ``encode_prompt`` reads the input image with the instruction; tiny, random weights."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+
+    tokenizer = _byte_level_tokenizer(["make it blue", "a photo of a cat", "blurry, low quality"],
+                                      extra_special=_VISION_TOKENS)
+    token = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=2 * hidden_size, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, hidden_size // 4 - 2],
+                                       "rope_theta": 10000.0}),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=hidden_size),
+        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"), vision_end_token_id=token("<|vision_end|>"))
+    encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # the processor shrinks every image to 2x2 merged vision tokens, whatever the pipeline resized it to
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 4)
+    return tokenizer, encoder, _image_text_processor(Qwen2VLProcessor)(image_processor, tokenizer)
 
 
 def _image(seed: int, size: tuple[int, int]):
@@ -159,10 +198,11 @@ def _mask(size: tuple[int, int]):
 
 
 def qwenimage_variant_inputs(variant: str, seed: int = 0, pos_len: int = 7, neg_len: int = 5,
-                             dtype: torch.dtype = torch.float32, portrait: bool = False) -> dict:
+                             dtype: torch.dtype = torch.float32, portrait: bool = False, text: bool = False) -> dict:
     """Call arguments for :func:`qwenimage_variant_pipeline`: PIL input image(s), text of unequal lengths for
     the two branches, 2 steps, ``true_cfg_scale=4``; ``strength < 1`` where the pipeline takes one.
-    ``portrait``: the edit pipelines' first input image turned on its side (the same token count, another grid)."""
+    ``portrait``: the edit pipelines' first input image turned on its side (the same token count, another grid).
+    ``text``: prompt strings instead of embeds (for a pipeline built with ``text_encoder=True``)."""
     g = torch.Generator().manual_seed(seed + 1000)
     dim = QWENIMAGE_CONFIGS["tiny"]["joint_attention_dim"]
     inputs: dict = dict(true_cfg_scale=4.0, num_inference_steps=2)
@@ -181,6 +221,10 @@ def qwenimage_variant_inputs(variant: str, seed: int = 0, pos_len: int = 7, neg_
         negative_prompt_embeds=_embeds(g, 1, neg_len, dim, dtype),
         negative_prompt_embeds_mask=torch.ones(1, neg_len, dtype=torch.long),
     )
+    if text:
+        for key in ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"):
+            del inputs[key]
+        inputs.update(prompt="make it blue", negative_prompt="blurry, low quality")
     if variant in ("edit", "edit_plus"):
         # the output size is free (the input image is still encoded at about one megapixel)
         inputs.update(image=_image(seed, (48, 64) if portrait else (64, 48)), height=256, width=256)
