@@ -26,7 +26,7 @@ from ._common import (
     prompt_batch_size,
     require_negative,
 )
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 
 class FluxAdapter(Adapter):
@@ -38,11 +38,11 @@ class FluxAdapter(Adapter):
                           "latents", "generator", "true_cfg_scale", "guidance_scale", "output_type", "return_dict"),
     )
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
-        a = self.bind(kwargs)
-        default_size(pipe, a)
-        pipe.check_inputs(
+    def complete_args(self, a: dict[str, Any]) -> None:
+        default_size(self.pipe, a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             a["prompt"],
             a["prompt_2"],
             a["height"],
@@ -64,8 +64,6 @@ class FluxAdapter(Adapter):
                     f" got: `prompt_embeds` {a['prompt_embeds'].shape} != `negative_prompt_embeds`"
                     f" {a['negative_prompt_embeds'].shape}."
                 )
-        check_output_type(a["output_type"])
-        return a
 
     @staticmethod
     def _has_negative(a) -> bool:

@@ -21,13 +21,13 @@ from ._common import (
     batch_groups,
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     prompt_batch_size,
     require_negative,
+    resolve_callback_inputs,
 )
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 
 class WanAdapter(Adapter):
@@ -42,13 +42,11 @@ class WanAdapter(Adapter):
                           "generator", "guidance_scale", "guidance_scale_2", "output_type", "return_dict"),
     )
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
-        pipe.check_inputs(
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             a["prompt"],
             a["negative_prompt"],
             a["height"],
@@ -58,8 +56,6 @@ class WanAdapter(Adapter):
             a["callback_on_step_end_tensor_inputs"],
             a["guidance_scale_2"],
         )
-        check_output_type(a["output_type"])
-        return a
 
     def boundary_timestep(self) -> float | None:
         """Wan 2.2: the timestep below which ``transformer_2`` denoises; None for one expert."""
@@ -156,6 +152,8 @@ class WanAdapter(Adapter):
         boundary_timestep = self.boundary_timestep()
         first_expert = [bool(boundary_timestep is None or t >= boundary_timestep) for t in timesteps]
         attention_kwargs = a["attention_kwargs"]
+        # the cache context's per-step values, read on the host once (never a device read inside a step)
+        sigmas = [float(sigma) for sigma in scheduler.sigmas[: len(timesteps)]]
 
         def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
             # the expert is a host choice: runs that switch experts are never captured (not_graphable below)
@@ -163,8 +161,7 @@ class WanAdapter(Adapter):
             model = transformer if first_expert[step.i] else transformer_2
             pipe._current_timestep = t
             model_input = x.to(transformer_dtype)
-            cache_kwargs = {"step_index": step.i, "sigma": float(scheduler.sigmas[step.i]),
-                            "num_inference_steps": len(timesteps)}
+            cache_kwargs = {"step_index": step.i, "sigma": sigmas[step.i], "num_inference_steps": len(timesteps)}
             preds: dict[str, torch.Tensor] = {}
             for group in batch_groups(names, batched, batch_key):
                 n, spec = len(group), policy.branch(group[0])
