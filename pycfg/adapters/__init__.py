@@ -9,11 +9,22 @@ from .hunyuanvideo import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .ltx2 import LTX2Adapter
 from .qwenimage import QwenImageAdapter
+from .qwenimage21 import QwenImage21Adapter
+from .qwenimage_edit import QwenImageEditAdapter, QwenImageEditPlusAdapter
+from .qwenimage_img2img import QwenImageEditInpaintAdapter, QwenImageImg2ImgAdapter, QwenImageInpaintAdapter
+from .qwenimage_layered import QwenImageLayeredAdapter
 from .sd3 import StableDiffusion3Adapter
 from .wan import WanAdapter
 
 ADAPTERS = [
     QwenImageAdapter,
+    QwenImageEditAdapter,
+    QwenImageEditPlusAdapter,
+    QwenImageImg2ImgAdapter,
+    QwenImageInpaintAdapter,
+    QwenImageEditInpaintAdapter,
+    QwenImageLayeredAdapter,
+    QwenImage21Adapter,
     FluxAdapter,
     StableDiffusion3Adapter,
     WanAdapter,

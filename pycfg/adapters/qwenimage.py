@@ -73,6 +73,8 @@ class QwenRequest:
     #: the variant's own tensors that forwards or ``after_update`` read (masks, noised image latents, ...):
     #: graph inputs, so captured steps are replayed with each request's values
     step_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the variant's other per-request objects (2.1's key/value caches): never shared between requests
+    variant_state: dict[str, Any] = field(default_factory=dict)
 
 
 class QwenImageAdapter(Adapter):
@@ -157,7 +159,7 @@ class QwenImageAdapter(Adapter):
         self.prepare_guidance_embeds(req)
         if pipe._attention_kwargs is None:
             pipe._attention_kwargs = {}
-        req.scheduler.set_begin_index(0)
+        req.scheduler.set_begin_index(self.begin_index(req))
         policy.set_timesteps([t.item() for t in req.timesteps])
         req.prompt_text = req.texts[PROMPT]
         if self.text_bucket:
@@ -231,6 +233,10 @@ class QwenImageAdapter(Adapter):
         """``req.timesteps`` from the pipeline's ``retrieve_timesteps`` on the request's private scheduler."""
         req.timesteps, _ = self.module.retrieve_timesteps(req.scheduler, req.args["num_inference_steps"], req.device,
                                                           sigmas=self.sigmas(req), mu=self.mu(req))
+
+    def begin_index(self, req: QwenRequest) -> int:
+        """Where the scheduler starts in its schedule: 0, or where img2img's ``strength`` cut it."""
+        return 0
 
     def prepare_guidance_embeds(self, req: QwenRequest) -> None:
         """Guidance-distilled transformers take the guidance scale as an input."""

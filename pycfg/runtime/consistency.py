@@ -29,6 +29,10 @@ def describe_value(value: Any) -> Any:
         return ("callable", getattr(value, "__qualname__", type(value).__qualname__))
     if hasattr(value, "describe"):
         return (type(value).__name__, value.describe())
+    if hasattr(value, "mode") and isinstance(getattr(value, "size", None), tuple):
+        # a PIL image: its mode and size fix what a pipeline makes of it (sizes, token grids); its pixels reach
+        # the steps only as tensors (image latents, text embeddings)
+        return ("image", value.mode, value.size)
     text = repr(value)
     if " at 0x" in text:
         # a default repr holds a memory address, which differs between processes for the same argument
