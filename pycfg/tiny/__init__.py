@@ -6,13 +6,40 @@ BPE tokenizer in code, so string prompts go through the pipeline's own ``encode_
 """
 
 from .cogvideox import cogvideox_inputs, cogvideox_pipeline
-from .flux import flux_inputs, flux_pipeline
+from .flux import (
+    flux_img2img_inputs,
+    flux_img2img_pipeline,
+    flux_inpaint_inputs,
+    flux_inpaint_pipeline,
+    flux_inputs,
+    flux_kontext_inputs,
+    flux_kontext_pipeline,
+    flux_pipeline,
+    tiny_image,
+    tiny_mask,
+)
+from .flux2 import flux2_klein_inputs, flux2_klein_pipeline
 from .hunyuanvideo import hunyuanvideo_inputs, hunyuanvideo_pipeline
+from .hunyuanvideo15 import (
+    hunyuanvideo15_i2v_inputs,
+    hunyuanvideo15_i2v_pipeline,
+    hunyuanvideo15_inputs,
+    hunyuanvideo15_pipeline,
+)
+from .longcat import longcat_inputs, longcat_pipeline
 from .ltx import ltx_inputs, ltx_pipeline
 from .ltx2 import ltx2_inputs, ltx2_pipeline
 from .qwenimage import QWENIMAGE_CONFIGS, qwen_text_encoder, qwenimage_inputs, qwenimage_pipeline
 from .sd3 import sd3_inputs, sd3_pipeline
-from .wan import wan_inputs, wan_pipeline
+from .wan import (
+    wan_i2v_inputs,
+    wan_i2v_pipeline,
+    wan_inputs,
+    wan_pipeline,
+    wan_vace_inputs,
+    wan_vace_pipeline,
+)
+from .zimage import zimage_img2img_inputs, zimage_img2img_pipeline, zimage_inputs, zimage_pipeline
 
 __all__ = [
     "QWENIMAGE_CONFIGS",
@@ -21,10 +48,34 @@ __all__ = [
     "qwenimage_inputs",
     "flux_pipeline",
     "flux_inputs",
+    "flux_kontext_pipeline",
+    "flux_kontext_inputs",
+    "flux_img2img_pipeline",
+    "flux_img2img_inputs",
+    "flux_inpaint_pipeline",
+    "flux_inpaint_inputs",
+    "tiny_image",
+    "tiny_mask",
+    "flux2_klein_pipeline",
+    "flux2_klein_inputs",
+    "zimage_pipeline",
+    "zimage_inputs",
+    "zimage_img2img_pipeline",
+    "zimage_img2img_inputs",
+    "longcat_pipeline",
+    "longcat_inputs",
+    "hunyuanvideo15_pipeline",
+    "hunyuanvideo15_inputs",
+    "hunyuanvideo15_i2v_pipeline",
+    "hunyuanvideo15_i2v_inputs",
     "sd3_pipeline",
     "sd3_inputs",
     "wan_pipeline",
     "wan_inputs",
+    "wan_i2v_pipeline",
+    "wan_i2v_inputs",
+    "wan_vace_pipeline",
+    "wan_vace_inputs",
     "ltx_pipeline",
     "ltx_inputs",
     "cogvideox_pipeline",
