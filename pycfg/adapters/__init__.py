@@ -10,6 +10,7 @@ from .ltx2 import LTX2Adapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import StableDiffusion3Adapter
 from .wan import WanAdapter
+from .zimage import ZImageAdapter, ZImageImg2ImgAdapter
 
 ADAPTERS = [
     QwenImageAdapter,
@@ -20,6 +21,8 @@ ADAPTERS = [
     LTX2Adapter,
     CogVideoXAdapter,
     HunyuanVideoAdapter,
+    ZImageAdapter,
+    ZImageImg2ImgAdapter,
 ]
 
 
