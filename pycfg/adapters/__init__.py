@@ -5,6 +5,7 @@ from __future__ import annotations
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .longcat import LongCatImageAdapter
 from .ltx import LTXAdapter
 from .ltx2 import LTX2Adapter
 from .qwenimage import QwenImageAdapter
@@ -23,6 +24,7 @@ ADAPTERS = [
     HunyuanVideoAdapter,
     ZImageAdapter,
     ZImageImg2ImgAdapter,
+    LongCatImageAdapter,
 ]
 
 
