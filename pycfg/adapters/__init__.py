@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2KleinAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .longcat import LongCatImageAdapter
 from .ltx import LTXAdapter
@@ -25,6 +26,7 @@ ADAPTERS = [
     ZImageAdapter,
     ZImageImg2ImgAdapter,
     LongCatImageAdapter,
+    Flux2KleinAdapter,
 ]
 
 
