@@ -6,6 +6,7 @@ from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2KleinAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .hunyuanvideo15 import HunyuanVideo15Adapter, HunyuanVideo15ImageToVideoAdapter
 from .longcat import LongCatImageAdapter
 from .ltx import LTXAdapter
 from .ltx2 import LTX2Adapter
@@ -27,6 +28,8 @@ ADAPTERS = [
     ZImageImg2ImgAdapter,
     LongCatImageAdapter,
     Flux2KleinAdapter,
+    HunyuanVideo15Adapter,
+    HunyuanVideo15ImageToVideoAdapter,
 ]
 
 
