@@ -135,7 +135,8 @@ class ZImageAdapter(Adapter):
         a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
             a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"])
         unknown = [k for k in a["callback_on_step_end_tensor_inputs"] if k not in pipe._callback_tensor_inputs]
-        if unknown:
+        if unknown and a["callback_on_step_end"] is not None:
+            # stock reads them only when it calls the callback, failing at the first step: fail before it
             raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {pipe._callback_tensor_inputs}, "
                              f"but found {unknown}")
         check_output_type(a["output_type"])

@@ -1,0 +1,74 @@
+"""Per-rank body of the family tests (spawned by pycfg._launch.run_world; must be importable).
+
+A scenario is one request on one tiny pipeline. ``run_family_scenarios`` runs every scenario through pycfg at
+cfg_parallel_size = world on every rank (with per-step consistency checks) and, on rank 0 only, through the stock
+pipeline (unless ``stock=False``) and through pycfg at cfg_parallel_size 1 (and, if asked, with
+``batch_branches=True``), so one world covers many pipelines. This module holds no tests itself.
+
+Scenario keys: ``name``, ``pipeline`` / ``inputs`` (names in ``pycfg.tiny``), ``pipeline_kwargs``,
+``inputs_kwargs``, ``call`` (call arguments), ``options`` (``pycfg.compile`` options), ``guidance`` (a policy:
+pycfg only, no stock run), ``error`` (the call must fail, as stock fails), ``batched_p1`` (also run at P=1 with
+``batch_branches=True``), ``pycfg_error`` (pycfg must reject the call at cfg_parallel_size = world, before any
+compute, where stock has nothing to reject: only that run is made).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from test_adapters_cases import CALLBACKS, _plain
+
+import pycfg
+import pycfg.tiny as tiny
+
+
+def _call(f, spec: dict, guidance=None) -> Any:
+    inputs = getattr(tiny, spec["inputs"])(**spec.get("inputs_kwargs", {}))
+    kwargs = dict(spec.get("call", {}))
+    kwargs.setdefault("output_type", "latent")
+    kwargs.setdefault("num_inference_steps", 3)
+    if spec.get("callback"):
+        kwargs["callback_on_step_end"] = CALLBACKS[spec["callback"]]
+    if guidance is not None:
+        kwargs["guidance"] = guidance
+    generator = torch.Generator().manual_seed(spec.get("seed", 0))
+    try:
+        out = f(**{**inputs, **kwargs}, generator=generator)
+    except Exception as err:  # validation errors: compared as (type, message)
+        if not (spec.get("error") or spec.get("pycfg_error")):
+            raise
+        return ("error", type(err).__name__, str(err))
+    if spec.get("error") or spec.get("pycfg_error"):
+        return ("no error",)
+    return _plain(out[0])
+
+
+def run_family_scenarios(rank: int, world: int, scenarios: list[dict], stock: bool = True) -> dict:
+    out: dict = {}
+    pipes: dict = {}
+    compiled: dict = {}
+
+    def compiled_for(key, pipe, size: int, options: dict):
+        ckey = (key, size, repr(sorted(options.items())))
+        if ckey not in compiled:
+            extra = dict(check_consistency=True, timeout=300) if size > 1 else {}
+            compiled[ckey] = pycfg.compile(pipe, cfg_parallel_size=size, **extra, **options)
+        return compiled[ckey]
+
+    for spec in scenarios:
+        key = (spec["pipeline"], repr(sorted(spec.get("pipeline_kwargs", {}).items())))
+        if key not in pipes:
+            pipes[key] = getattr(tiny, spec["pipeline"])(**spec.get("pipeline_kwargs", {}))
+        pipe, name, options = pipes[key], spec["name"], spec.get("options", {})
+        guidance = spec.get("guidance")
+        out[(name, "pN")] = _call(compiled_for(key, pipe, world, options), spec, guidance)
+        if spec.get("pycfg_error"):
+            continue
+        if rank == 0:
+            out[(name, "p1")] = _call(compiled_for(key, pipe, 1, options), spec, guidance)
+            if guidance is None and (stock or spec.get("error")):
+                out[(name, "stock")] = _call(pipe, spec)
+            if spec.get("batched_p1") and stock:
+                out[(name, "p1_batched")] = _call(compiled_for(key, pipe, 1, dict(batch_branches=True)), spec)
+    return out
