@@ -5,6 +5,7 @@ from __future__ import annotations
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2KleinAdapter
+from .flux_variants import FluxImg2ImgAdapter, FluxInpaintAdapter, FluxKontextAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .hunyuanvideo15 import HunyuanVideo15Adapter, HunyuanVideo15ImageToVideoAdapter
 from .longcat import LongCatImageAdapter
@@ -18,6 +19,9 @@ from .zimage import ZImageAdapter, ZImageImg2ImgAdapter
 ADAPTERS = [
     QwenImageAdapter,
     FluxAdapter,
+    FluxKontextAdapter,
+    FluxImg2ImgAdapter,
+    FluxInpaintAdapter,
     StableDiffusion3Adapter,
     WanAdapter,
     LTXAdapter,
