@@ -14,6 +14,7 @@ from .ltx2 import LTX2Adapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import StableDiffusion3Adapter
 from .wan import WanAdapter
+from .wan_variants import WanImageToVideoAdapter, WanVACEAdapter
 from .zimage import ZImageAdapter, ZImageImg2ImgAdapter
 
 ADAPTERS = [
@@ -24,6 +25,8 @@ ADAPTERS = [
     FluxInpaintAdapter,
     StableDiffusion3Adapter,
     WanAdapter,
+    WanImageToVideoAdapter,
+    WanVACEAdapter,
     LTXAdapter,
     LTX2Adapter,
     CogVideoXAdapter,
