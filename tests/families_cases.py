@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from test_adapters_cases import CALLBACKS, _plain
 
@@ -41,7 +43,10 @@ def _call(f, spec: dict, guidance=None) -> Any:
         return ("error", type(err).__name__, str(err))
     if spec.get("error") or spec.get("pycfg_error"):
         return ("no error",)
-    return _plain(out[0])
+    images = out[0]
+    if isinstance(images, list) and images and isinstance(images[0], PIL.Image.Image):
+        images = [torch.from_numpy(np.asarray(im).copy()) for im in images]
+    return _plain(images)
 
 
 def run_family_scenarios(rank: int, world: int, scenarios: list[dict], stock: bool = True) -> dict:

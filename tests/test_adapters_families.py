@@ -1,4 +1,4 @@
-"""Z-Image, LongCat-Image, FLUX.2-klein, HunyuanVideo-1.5 (and their variants) through pycfg, against stock.
+"""Flux and Wan variants, Z-Image, LongCat-Image, FLUX.2-klein, HunyuanVideo-1.5 through pycfg, against stock.
 
 One 2-rank world runs every scenario (rank 0 also runs stock and P=1); one 3-rank world runs one pipeline per
 family. Stock runs the branches as separate forwards in every family here but Z-Image, so those are compared bit
@@ -25,9 +25,53 @@ ZIMAGE_I2I = dict(pipeline="zimage_img2img_pipeline", inputs="zimage_img2img_inp
 LONGCAT = dict(pipeline="longcat_pipeline", inputs="longcat_inputs", family="longcat")
 FLUX2 = dict(pipeline="flux2_klein_pipeline", inputs="flux2_klein_inputs", family="flux2")
 HV15 = dict(pipeline="hunyuanvideo15_pipeline", inputs="hunyuanvideo15_inputs", family="hunyuanvideo15")
+KONTEXT = dict(pipeline="flux_kontext_pipeline", inputs="flux_kontext_inputs", family="flux")
+FLUX_I2I = dict(pipeline="flux_img2img_pipeline", inputs="flux_img2img_inputs", family="flux")
+INPAINT = dict(pipeline="flux_inpaint_pipeline", inputs="flux_inpaint_inputs", family="flux")
+WAN_I2V = dict(pipeline="wan_i2v_pipeline", inputs="wan_i2v_inputs", family="wan")
+WAN_I2V_22 = dict(WAN_I2V, pipeline_kwargs=dict(mode="2.2"))
+WAN_TI2V = dict(WAN_I2V, pipeline_kwargs=dict(mode="ti2v"))
+VACE = dict(pipeline="wan_vace_pipeline", inputs="wan_vace_inputs", family="wan")
 HV15_I2V = dict(pipeline="hunyuanvideo15_i2v_pipeline", inputs="hunyuanvideo15_i2v_inputs", family="hunyuanvideo15")
 
 SCENARIOS = [
+    # Flux variants: separate forwards (true CFG with a negative prompt)
+    dict(KONTEXT, name="fk_cfg_off", call=dict(true_cfg_scale=1.0)),
+    dict(KONTEXT, name="fk_cfg", changes="fk_cfg_off", call=dict(true_cfg_scale=4.0)),
+    dict(KONTEXT, name="fk_callback", callback="nudge",
+         call=dict(true_cfg_scale=4.0, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])),
+    dict(KONTEXT, name="fk_decoded_pil", call=dict(true_cfg_scale=4.0, output_type="pil", num_inference_steps=2)),
+    dict(KONTEXT, name="fk_apg", guidance=APG(4.0)),
+    dict(FLUX_I2I, name="fi_cfg_off", call=dict(true_cfg_scale=1.0)),
+    dict(FLUX_I2I, name="fi_cfg", changes="fi_cfg_off", call=dict(true_cfg_scale=4.0, num_inference_steps=4)),
+    dict(FLUX_I2I, name="fi_strength", changes="fi_cfg", inputs_kwargs=dict(strength=0.5),
+         call=dict(true_cfg_scale=4.0, num_inference_steps=4)),
+    dict(FLUX_I2I, name="fi_fused", options=dict(fused=True), call=dict(true_cfg_scale=4.0)),
+    dict(FLUX_I2I, name="fi_bad_strength", error=True, inputs_kwargs=dict(strength=1.5)),
+    dict(INPAINT, name="fp_cfg_off", call=dict(true_cfg_scale=1.0)),
+    dict(INPAINT, name="fp_cfg", changes="fp_cfg_off", call=dict(true_cfg_scale=4.0, num_inference_steps=4)),
+    dict(INPAINT, name="fp_crop", call=dict(true_cfg_scale=4.0, padding_mask_crop=4, output_type="pil")),
+    dict(INPAINT, name="fp_callback", callback="nudge", call=dict(true_cfg_scale=4.0)),
+    dict(INPAINT, name="fp_reduce", options=dict(exchange="reduce"), call=dict(true_cfg_scale=4.0)),
+    # Wan variants: separate forwards; 2.2 switches expert and scale at the boundary
+    dict(WAN_I2V, name="wi_cfg_off", call=dict(guidance_scale=1.0)),
+    dict(WAN_I2V, name="wi_cfg", changes="wi_cfg_off", call=dict(guidance_scale=4.0)),
+    dict(WAN_I2V_22, name="wi22_cfg", call=dict(guidance_scale=4.0, num_inference_steps=4)),
+    dict(WAN_I2V_22, name="wi22_scale2", changes="wi22_cfg",
+         call=dict(guidance_scale=4.0, guidance_scale_2=2.0, num_inference_steps=4)),
+    dict(WAN_I2V_22, name="wi22_callback", callback="nudge",
+         call=dict(guidance_scale=4.0, callback_on_step_end_tensor_inputs=["latents", "negative_prompt_embeds"])),
+    dict(WAN_TI2V, name="wt_cfg_off", call=dict(guidance_scale=1.0)),
+    dict(WAN_TI2V, name="wt_cfg", changes="wt_cfg_off", call=dict(guidance_scale=4.0)),
+    dict(WAN_TI2V, name="wt_zero_star", guidance=CFGZeroStar(4.0)),
+    dict(WAN_I2V, name="wi_no_image", error=True, inputs_kwargs=dict(), call=dict(image=None)),
+    dict(VACE, name="wv_cfg_off", call=dict(guidance_scale=1.0)),
+    dict(VACE, name="wv_cfg", changes="wv_cfg_off", call=dict(guidance_scale=4.0)),
+    dict(VACE, name="wv_two_experts", pipeline_kwargs=dict(two_experts=True),
+         call=dict(guidance_scale=4.0, guidance_scale_2=3.0, num_inference_steps=4)),
+    dict(VACE, name="wv_decoded", call=dict(guidance_scale=4.0, conditioning_scale=0.5, output_type="np",
+                                            num_inference_steps=2)),
+    dict(VACE, name="wv_bad_scale", error=True, call=dict(guidance_scale=4.0, conditioning_scale=[1.0, 1.0, 1.0])),
     # Z-Image: stock batches cond + uncond in one call
     dict(ZIMAGE, name="z_cfg_off", call=dict(guidance_scale=0.0)),
     dict(ZIMAGE, name="z_cfg", changes="z_cfg_off", batched_p1=True, call=dict(guidance_scale=4.0)),
@@ -79,7 +123,7 @@ SCENARIOS = [
 ]
 
 #: one pipeline per family at cfg_parallel_size 3 (one rank idle at every step)
-P3 = ["z_norm_trunc", "zi_cfg", "lc_cfg", "f2_image", "hv_window_rescale", "hvi_cfg"]
+P3 = ["fk_cfg", "fp_cfg", "wi22_scale2", "z_norm_trunc", "zi_cfg", "lc_cfg", "f2_image", "hv_window_rescale", "hvi_cfg"]
 
 
 def check(results: list[dict], scenarios: list[dict]) -> None:
@@ -126,7 +170,7 @@ def results3():
     return run_world(run_family_scenarios, 3, scenarios=[s for s in SCENARIOS if s["name"] in P3], stock=False)
 
 
-@pytest.mark.parametrize("family", ["zimage", "longcat", "flux2", "hunyuanvideo15"])
+@pytest.mark.parametrize("family", ["flux", "wan", "zimage", "longcat", "flux2", "hunyuanvideo15"])
 def test_family_p2(results2, family):
     check(results2, [s for s in SCENARIOS if s["family"] == family])
 
@@ -138,8 +182,9 @@ def test_families_p3(results3):
 def test_supported_pipelines():
     from pycfg.adapters import supported_pipelines
 
-    for name in ("ZImagePipeline", "ZImageImg2ImgPipeline", "LongCatImagePipeline", "Flux2KleinPipeline",
-                 "HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"):
+    for name in ("FluxKontextPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "WanImageToVideoPipeline",
+                 "WanVACEPipeline", "ZImagePipeline", "ZImageImg2ImgPipeline", "LongCatImagePipeline",
+                 "Flux2KleinPipeline", "HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"):
         assert name in supported_pipelines()
 
 
