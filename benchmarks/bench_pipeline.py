@@ -488,7 +488,7 @@ class GpuBench:
             why = "not on a CUDA device"
         elif a.no_compile:
             why = "the transformer is not compiled (--no-compile)"
-        elif not getattr(type(fast.adapter), "graph_step_index", False):
+        elif not fast.adapter.capabilities.graph_steps:
             why = f"{type(fast.adapter).__name__} does not take a device step index"
         else:
             why = "off"

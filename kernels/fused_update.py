@@ -19,7 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_update_ref import FIXED_INPUTS
+from .table import FIXED_INPUTS, INPUT_V, INPUT_X, INPUT_Z, MAX_WRITES
+
+# the kernel writes the next sample and MAX_WRITES history slots per step, as three accumulators
+assert MAX_WRITES == 2, "the fused kernel is written for two history writes per step"
 
 # rows of the last dim per program when renormalising; elements per row otherwise. Image and video latents
 # (last dims 16..128, millions of elements) keep ~4K elements per program at these sizes.
@@ -68,7 +71,8 @@ def _fused_update_kernel(x_ptr, c_ptr, u_ptr, cnorm_ptr, std_ptr, hist_ptr, coef
                          HAS_UNCOND: tl.constexpr, ORIGINAL: tl.constexpr, RENORM: tl.constexpr,
                          COND_NORM_GIVEN: tl.constexpr, RESCALE: tl.constexpr, NOISE: tl.constexpr,
                          SCALE_IN_MEMORY: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, X_COL: tl.constexpr, V_COL: tl.constexpr, Z_COL: tl.constexpr,
+                         FIXED: tl.constexpr):
     if SCALE_IN_MEMORY:
         scale = tl.load(scale_ptr)
     pid = tl.program_id(0)
@@ -99,26 +103,27 @@ def _fused_update_kernel(x_ptr, c_ptr, u_ptr, cnorm_ptr, std_ptr, hist_ptr, coef
         norm_p = tl.sqrt(tl.sum(p * p, axis=1))[:, None]
         p = p * (norm_c / norm_p)
 
-    n_in: tl.constexpr = 3 + K
+    # the table layout (pycfg.kernels.table): rows of 3 outputs (x', two history writes) by FIXED + K inputs
+    n_in: tl.constexpr = FIXED + K
     row = coef_ptr + step * (3 * n_in)
     x_raw = tl.load(x_ptr + elem, mask=mask, other=0.0)
     x = x_raw.to(tl.float32)
-    acc0 = tl.load(row + 0) * x
-    acc1 = tl.load(row + n_in) * x
-    acc2 = tl.load(row + 2 * n_in) * x
-    acc0 += tl.load(row + 1) * p
-    acc1 += tl.load(row + n_in + 1) * p
-    acc2 += tl.load(row + 2 * n_in + 1) * p
+    acc0 = tl.load(row + X_COL) * x
+    acc1 = tl.load(row + n_in + X_COL) * x
+    acc2 = tl.load(row + 2 * n_in + X_COL) * x
+    acc0 += tl.load(row + V_COL) * p
+    acc1 += tl.load(row + n_in + V_COL) * p
+    acc2 += tl.load(row + 2 * n_in + V_COL) * p
     if NOISE:
         seed = tl.load(seed_ptr)
         z = tl.randn(seed, elem + (step.to(tl.int64) << 32))
-        acc0 += tl.load(row + 2) * z
-        acc1 += tl.load(row + n_in + 2) * z
-        acc2 += tl.load(row + 2 * n_in + 2) * z
+        acc0 += tl.load(row + Z_COL) * z
+        acc1 += tl.load(row + n_in + Z_COL) * z
+        acc2 += tl.load(row + 2 * n_in + Z_COL) * z
     for k in tl.static_range(K):
-        a0 = tl.load(row + 3 + k)
-        a1 = tl.load(row + n_in + 3 + k)
-        a2 = tl.load(row + 2 * n_in + 3 + k)
+        a0 = tl.load(row + FIXED + k)
+        a1 = tl.load(row + n_in + FIXED + k)
+        a2 = tl.load(row + 2 * n_in + FIXED + k)
         # a slot no output uses at this step is not read: masked-off lanes touch no memory
         used = (tl.zeros_like(x) + (tl.abs(a0) + tl.abs(a1) + tl.abs(a2))) != 0.0
         h = tl.load(hist_ptr + k * numel + elem, mask=mask & used, other=0.0)
@@ -207,5 +212,6 @@ def fused_guided_update(latents: torch.Tensor, cond: torch.Tensor, uncond: torch
         HAS_UNCOND=uncond is not None, ORIGINAL=bool(original), RENORM=bool(renorm),
         COND_NORM_GIVEN=cond_norm is not None, RESCALE=rescale > 0.0, NOISE=noise,
         SCALE_IN_MEMORY=in_memory, K=num_slots, BLOCK_R=block_r, BLOCK_D=block_d,
+        X_COL=INPUT_X, V_COL=INPUT_V, Z_COL=INPUT_Z, FIXED=FIXED_INPUTS,
     )
     return latents

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pycfg.schedulers.philox import philox_randn
-
-INPUT_X, INPUT_V, INPUT_Z, FIXED_INPUTS = 0, 1, 2, 3
+from .philox import philox_randn
+from .table import FIXED_INPUTS, INPUT_V, INPUT_X, INPUT_Z
 
 
 def _per_sample_std(x: torch.Tensor) -> torch.Tensor:

@@ -5,24 +5,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .adapters import find_adapter
+from .adapters.base import Adapter
 from .guidance import GuidancePolicy
-from .parallel.comm import make_comm
+from .options import CompileOptions
+from .parallel.comm import Communicator, make_comm
 from .parallel.groups import form_cfg_group
-from .runtime.compiled import check_compile_option, choose_batching
+from .runtime.compiled import choose_batching
 from .runtime.compiled import compile_transformer as _compile_transformer
 from .runtime.consistency import check_same_arguments, describe_value
 from .runtime.denoise import denoise
-from .schedulers import NOISE_SOURCES
 
 logger = logging.getLogger("pycfg")
-
-EXCHANGES = ("gather", "reduce")
 
 
 class CompiledPipeline:
@@ -32,25 +32,27 @@ class CompiledPipeline:
     pipeline's own output type, the same on every rank of the group.
     """
 
-    def __init__(self, pipeline, adapter, comm, *, exchange: str, fused: bool | None, check_consistency: bool,
-                 guidance: GuidancePolicy | None, timeout: float) -> None:
+    def __init__(self, pipeline, adapter: Adapter, comm: Communicator, options: CompileOptions) -> None:
         self.pipeline = pipeline
         self.adapter = adapter
         self.comm = comm
-        self.exchange = exchange
-        self.fused = fused
-        self.check_consistency = check_consistency
-        self.guidance = guidance
-        self.timeout = timeout
+        #: the validated options, with every "decide from the device" choice made
+        self.options = options
         #: wall time of each denoising step of the last call, in seconds
         self.last_step_times: list[float] = []
         self._lock = threading.Lock()
-        #: set by compile(): what was compiled, the CUDA-graph runner, the batching mode ("auto" or fixed)
+        #: set by compile(): what was compiled
         self.compile_info: dict[str, Any] | None = None
+        #: the CUDA-graph runner (None: steps run eagerly)
         self.step_graphs = None
-        self.batch_mode: bool | str = bool(getattr(adapter, "batch_branches", False))
+        #: per request shape, the measured batching choice (``batch_branches="auto"``)
         self.batch_choices: dict[Any, dict[str, Any]] = {}
         self.warmup_times: dict[str, float] = {}
+
+    @property
+    def batch_mode(self) -> bool | str:
+        """``"auto"`` (measured per request shape), True or False."""
+        return self.options.batch_branches
 
     @property
     def device(self) -> torch.device:
@@ -65,36 +67,38 @@ class CompiledPipeline:
         return self.comm.rank
 
     def __call__(self, **kwargs: Any):
-        guidance = kwargs.pop("guidance", self.guidance)
+        guidance = kwargs.pop("guidance", self.options.guidance)
         if guidance is not None and not isinstance(guidance, GuidancePolicy):
             raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
         with self._lock, torch.no_grad():
             args = self.adapter.check(kwargs)
             # before any compute: every rank must have been called the same way
             check_same_arguments(
-                self.comm, {**args, "__guidance__": guidance, "__exchange__": self.exchange}
+                self.comm, {**args, "__guidance__": guidance, "__exchange__": self.options.exchange}
             )
             if guidance is not None:
-                _check_exchange(self.exchange, guidance, self.comm.size)
-            key = _shape_key(args, guidance, self.comm.size)
-            if self.batch_mode == "auto":
-                # decided before prepare() binds the choice into the job's forward
-                self.adapter.batch_branches = self.batch_choices.get(key, {}).get("batched", False)
+                _check_exchange(self.options.exchange, guidance, self.comm.size)
             job = self.adapter.prepare(args, guidance)
-            _check_exchange(self.exchange, job.policy, self.comm.size)
-            if self.batch_mode == "auto" and key not in self.batch_choices:
-                choice = choose_batching(self.adapter, job) if self.comm.size == 1 else {
-                    "batched": False, "why": "branches run on different ranks"}
-                self.batch_choices[key] = choice
-                self.adapter.batch_branches = choice["batched"]
+            _check_exchange(self.options.exchange, job.policy, self.comm.size)
+            batched = self._batched(_shape_key(args, guidance, self.comm.size), job)
             if self.step_graphs is not None:
-                self.step_graphs.shape_key = (_graph_key(args, self.adapter), self.adapter.batch_branches,
-                                              _weights_key(self.pipeline))
+                self.step_graphs.shape_key = (_graph_key(args, self.adapter), _weights_key(self.adapter))
             latents, self.last_step_times = denoise(
-                job, self.comm, exchange=self.exchange, check_consistency=self.check_consistency,
-                step_graphs=self.step_graphs,
+                job, self.comm, exchange=self.options.exchange, check_consistency=self.options.check_consistency,
+                batched=batched, step_graphs=self.step_graphs,
             )
             return job.finish(latents)
+
+    def _batched(self, key: tuple, job) -> bool:
+        """Whether this request's same-shape branches share batched forwards (measured once per shape for
+        ``batch_branches="auto"``)."""
+        mode = self.batch_mode
+        if mode != "auto":
+            return bool(mode)
+        if key not in self.batch_choices:
+            self.batch_choices[key] = choose_batching(job) if self.comm.size == 1 else {
+                "batched": False, "why": "branches run on different ranks"}
+        return self.batch_choices[key]["batched"]
 
     def warmup(self, **kwargs: Any) -> dict[str, float]:
         """Run the call twice with these arguments (a short run by default) so compiles, autotuning, the
@@ -121,16 +125,18 @@ class CompiledPipeline:
             "adapter": type(self.adapter).__name__,
             "cfg_parallel_size": self.comm.size,
             "rank": self.comm.rank,
-            "exchange": self.exchange,
+            "exchange": self.options.exchange,
             "communicator": self.comm.name,
-            "fused": self.fused,
-            "update": "fused kernel" if self.fused or (self.fused is None and self.device.type == "cuda")
+            "fused": self.options.fused,
+            "update": "fused kernel" if self.options.fused or (self.options.fused is None
+                                                               and self.device.type == "cuda")
             else "scheduler.step() (reference)",
-            "check_consistency": self.check_consistency,
-            "timeout": self.timeout,
+            "check_consistency": self.options.check_consistency,
+            "timeout": self.options.timeout,
             "batch_branches": self.batch_mode,
             "batch_choices": {repr(k): v for k, v in self.batch_choices.items()},
-            "text_bucket": getattr(self.adapter, "text_bucket", None),
+            "text_bucket": self.adapter.text_bucket,
+            "capabilities": asdict(self.adapter.capabilities),
             "compile_transformer": self.compile_info,
             "cuda_graphs": self.step_graphs.describe() if self.step_graphs is not None else False,
             "warmup": dict(self.warmup_times),
@@ -168,10 +174,10 @@ def _shape_key(args: dict[str, Any], guidance, size: int) -> tuple:
     return (tuple(parts), policy, size)
 
 
-def _graph_key(args: dict[str, Any], adapter) -> tuple:
+def _graph_key(args: dict[str, Any], adapter: Adapter | type[Adapter]) -> tuple:
     """What a captured step bakes in from the call's arguments: tensors by shape, and the values of every
     argument but the adapter's ``graph_value_args`` (those reach the steps through the job's graph inputs)."""
-    skip = set(adapter.graph_value_args)
+    skip = set(adapter.capabilities.graph_value_args)
     return tuple((name, _key_value(value)) for name, value in sorted(args.items())
                  if name not in skip or isinstance(value, torch.Tensor))
 
@@ -186,16 +192,12 @@ def _key_value(value: Any) -> Any:
     return repr(describe_value(value))
 
 
-def _weights_key(pipeline) -> tuple:
+def _weights_key(adapter: Adapter) -> tuple:
     """The transformers' parameter and buffer addresses: a captured step reads weights from these, so weights
     swapped for new tensors (adapters loaded, modules replaced) must not replay it. In-place updates keep them."""
-    key = []
-    for name in ("transformer", "transformer_2"):
-        model = getattr(pipeline, name, None)
-        if isinstance(model, torch.nn.Module):
-            key.append((name, id(model), hash(tuple(t.data_ptr() for t in model.parameters())),
-                        hash(tuple(t.data_ptr() for t in model.buffers()))))
-    return tuple(key)
+    return tuple((name, id(model), hash(tuple(t.data_ptr() for t in model.parameters())),
+                  hash(tuple(t.data_ptr() for t in model.buffers())))
+                 for name, model in adapter.transformers().items())
 
 
 def _pipeline_device(pipeline) -> torch.device:
@@ -266,71 +268,39 @@ def compile(
     Returns:
         A :class:`CompiledPipeline`: call it like the pipeline.
     """
-    if isinstance(cfg_parallel_size, bool) or not isinstance(cfg_parallel_size, int) or cfg_parallel_size < 1:
-        raise ValueError(f"cfg_parallel_size must be an integer >= 1, got {cfg_parallel_size!r}")
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {', '.join(map(repr, EXCHANGES))}, got {exchange!r}")
-    if fused not in (None, True, False):
-        raise ValueError(f"fused must be None, True or False, got {fused!r}")
-    if noise not in NOISE_SOURCES:
-        raise ValueError(f"noise must be one of {', '.join(map(repr, NOISE_SOURCES))}, got {noise!r}")
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if guidance is not None and not isinstance(guidance, GuidancePolicy):
-        raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
-    if batch_branches not in (True, False, None, "auto"):
-        raise ValueError(f"batch_branches must be True, False, 'auto' or None, got {batch_branches!r}")
-    how = check_compile_option(compile_transformer, compile_mode)
-    if cuda_graphs not in (None, True, False):
-        raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
-    if cuda_graphs and compile_mode == "reduce-overhead":
-        raise ValueError("compile_mode='reduce-overhead' uses torch's own CUDA graphs: it cannot run inside "
-                         "pycfg's step graphs (pass cuda_graphs=False, or another compile_mode)")
-    if text_bucket is not None and (isinstance(text_bucket, bool) or not isinstance(text_bucket, int)
-                                    or text_bucket < 1):
-        raise ValueError(f"text_bucket must be a positive integer or None, got {text_bucket!r}")
+    options = CompileOptions(
+        cfg_parallel_size=cfg_parallel_size, exchange=exchange, fused=fused, check_consistency=check_consistency,
+        timeout=timeout, guidance=guidance, comm=comm, batch_branches=batch_branches, noise=noise,
+        compile_transformer=compile_transformer, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
+        text_bucket=text_bucket,
+    )
+    return compile_with_options(pipeline, options, group=group)
+
+
+def compile_with_options(pipeline, options: CompileOptions, *, group: dist.ProcessGroup | None = None
+                         ) -> CompiledPipeline:
+    """:func:`compile` from an options object (what an Engine's workers call with the options it validated)."""
     adapter_class = find_adapter(pipeline)
     device = _pipeline_device(pipeline)
-    adapter = adapter_class(pipeline, fused=fused, noise=noise)
-    if text_bucket is not None:
-        if not hasattr(adapter_class, "text_bucket"):
-            raise ValueError(f"text_bucket: {adapter_class.__name__} does not pad text inputs")
-        adapter.text_bucket = text_bucket
-    if batch_branches is None:
-        batch_branches = "auto" if how is not None else False
-    adapter.batch_branches = batch_branches if batch_branches != "auto" else False
-    if cuda_graphs is None:
-        cuda_graphs = device.type == "cuda" and how is not None and compile_mode != "reduce-overhead"
-    if cuda_graphs and device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs the pipeline on a CUDA device, not {device}")
-    if cuda_graphs and not getattr(adapter_class, "graph_step_index", False):
+    options = options.resolved(device.type)
+    adapter = adapter_class(pipeline, fused=options.fused, noise=options.noise, text_bucket=options.text_bucket)
+    cuda_graphs = options.cuda_graphs
+    if cuda_graphs and not adapter.capabilities.graph_steps:
         logger.info("pycfg: %s does not support whole-step CUDA graphs; steps run eagerly", adapter_class.__name__)
         cuda_graphs = False
-    if guidance is not None:
+    if options.guidance is not None:
         # before any process group exists: a policy that cannot run fails here, not at the first call
-        _check_exchange(exchange, guidance, cfg_parallel_size)
-        if hasattr(adapter, "check_policy"):
-            adapter.check_policy(guidance)
+        _check_exchange(options.exchange, options.guidance, options.cfg_parallel_size)
+        adapter.check_policy(options.guidance)
 
-    pg = form_cfg_group(cfg_parallel_size, device=device, timeout=float(timeout), group=group)
-    comm = make_comm(pg, device=device, timeout=float(timeout), comm=comm)
-    compiled = CompiledPipeline(
-        pipeline,
-        adapter,
-        comm,
-        exchange=exchange,
-        fused=fused,
-        check_consistency=check_consistency,
-        guidance=guidance,
-        timeout=float(timeout),
-    )
-    compiled.batch_mode = batch_branches
-    if how is not None:
+    pg = form_cfg_group(options.cfg_parallel_size, device=device, timeout=options.timeout, group=group)
+    comm = make_comm(pg, device=device, timeout=options.timeout, comm=options.comm)
+    compiled = CompiledPipeline(pipeline, adapter, comm, options)
+    if options.compile_transformer is not None:
         start = time.perf_counter()
-        info = _compile_transformer(pipeline.transformer, how, compile_mode)
-        for extra in ("transformer_2",):
-            if getattr(pipeline, extra, None) is not None:
-                _compile_transformer(getattr(pipeline, extra), how, compile_mode)
+        infos = [_compile_transformer(model, options.compile_transformer, options.compile_mode)
+                 for model in adapter.transformers().values()]
+        info = infos[0]
         # torch.compile is lazy: the real compile time shows up in warmup()'s cold call
         info["setup_s"] = time.perf_counter() - start
         compiled.compile_info = info

@@ -82,9 +82,8 @@ def toy_fused(rank: int, world: int, scheduler: str, steps: int, scale: float = 
     model = _toy_model()
     x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(5))
     job = Job(latents=x, num_steps=steps, policy=CFG(scale, renorm=True),
-              forward=lambda names, lat, i: [model(n, lat) for n in names], update=update,
-              prediction_spec=[(tuple(x.shape), x.dtype)], device=device, finish=lambda lat: lat,
-              state_tensors=update.state_tensors)
+              forward=lambda names, lat, step, batched: [model(n, lat) for n in names], update=update,
+              prediction_spec=[(tuple(x.shape), x.dtype)], device=device, finish=lambda lat: lat)
     latents, _ = denoise(job, comm, exchange=exchange, check_consistency=True)
     return latents
 

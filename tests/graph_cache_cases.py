@@ -76,3 +76,24 @@ def family_requests(rank: int, world: int, family: str) -> dict:
         pairs.append([getattr(runner(**call, generator=torch.Generator().manual_seed(seed)), output)
                       for runner in (plain, cached)])
     return {"pairs": pairs, "stats": cached.step_graphs.describe()}
+
+
+def linear_policies(rank: int, world: int) -> dict:
+    """Linear policies other than CFG through cached step runners and the plain fused loop: DynamicCFG (a scale
+    per step, read from device memory) and PAG with only cond and uncond active (the generic LinearPolicy
+    declaration). Returns both results per policy and the runner's counters."""
+    from pycfg.guidance import PAG, DynamicCFG
+
+    pipe = qwenimage_pipeline("tiny")
+    plain = pycfg.compile(pipe, cfg_parallel_size=world, fused=True)
+    cached = pycfg.compile(pipe, cfg_parallel_size=world, fused=True)
+    cached.step_graphs = StepGraphs("cpu", capture=False)
+    policies = {"dynamic": DynamicCFG(4.0, renorm=True),
+                "pag_outside_window": PAG(3.0, 2.0, [0], start=0.0, stop=0.0)}
+    out = {}
+    for name, policy in policies.items():
+        call = dict(qwenimage_inputs("tiny"), true_cfg_scale=4.0, num_inference_steps=4, output_type="latent",
+                    guidance=policy)
+        results = [runner(**call, generator=torch.Generator().manual_seed(0)).images for runner in (plain, cached)]
+        out[name] = {"plain": results[0], "cached": results[1], "stats": cached.step_graphs.describe()}
+    return out

@@ -80,7 +80,7 @@ def test_eager_fused_loop_has_no_host_sync(pipe):
     args = fast.adapter.check({**inputs, "true_cfg_scale": 4.0, "num_inference_steps": 4,
                                "output_type": "latent", "generator": torch.Generator("cuda").manual_seed(0)})
     job = fast.adapter.prepare(args, None)
-    job.update._ready(job.latents)  # the per-request table upload is setup, not a step
+    job.update.ready(job.latents)  # the per-request table upload is setup, not a step
     torch.cuda.set_sync_debug_mode("error")
     try:
         denoise(job, fast.comm)

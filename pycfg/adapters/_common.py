@@ -7,7 +7,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..guidance.base import GuidancePolicy, Prediction, weighted_sum_fp32
+from ..guidance.base import (
+    NEGATIVE,
+    PASS_THROUGH,
+    PROMPT,
+    GuidancePolicy,
+    KernelGuidance,
+    Prediction,
+    weighted_sum_fp32,
+)
 
 
 def prompt_batch_size(prompt, prompt_embeds) -> int:
@@ -28,17 +36,18 @@ def callback_tensor_inputs(callback, names: list[str]) -> list[str]:
     return names
 
 
-def make_step_end(pipe, callback, names: list[str], timesteps, values: Callable[[torch.Tensor], dict[str, Any]],
+def make_step_end(pipe, callback, names: list[str], timesteps, values: Callable[[Any], dict[str, Any]],
                   apply: Callable[[dict[str, Any]], None] | None = None):
-    """A ``step_end`` running the pipeline's ``callback_on_step_end`` with the tensors the stock loop offers.
+    """A ``step_end`` running the pipeline's ``callback_on_step_end`` with the tensors the stock loop offers, or
+    None without a callback (nothing then runs between steps, so whole steps can be captured).
 
     ``values(latents)`` gives every tensor the callback may ask for; ``apply(outputs)`` takes back what the
     callback returned besides the latents (changed prompt embeds, ...).
     """
+    if callback is None:
+        return None
 
-    def step_end(i: int, x: torch.Tensor) -> torch.Tensor:
-        if callback is None:
-            return x
+    def step_end(i: int, x):
         offered = values(x)
         outputs = callback(pipe, i, timesteps[i], {k: offered[k] for k in names})
         x = outputs.pop("latents", x)
@@ -47,6 +56,77 @@ def make_step_end(pipe, callback, names: list[str], timesteps, values: Callable[
         return x
 
     return step_end
+
+
+def batched_text_callbacks(text: dict[str, list], parts: dict[str, int], cfg: bool):
+    """``(offered, apply)`` for :func:`make_step_end` in pipelines whose stock loop runs ``cat([neg, pos])``.
+
+    ``text[source]`` holds a branch's text tensors; ``parts`` names the ones a callback may read, by index.
+    With ``cfg`` the callback sees them batched as stock's locals are (negative first) and a returned tensor is
+    split back into the branches; without, the prompt's alone.
+    """
+
+    def offered(x) -> dict[str, Any]:
+        values = {"latents": x}
+        for key, j in parts.items():
+            values[key] = torch.cat([text[NEGATIVE][j], text[PROMPT][j]], dim=0) if cfg else text[PROMPT][j]
+        return values
+
+    def apply(outputs: dict[str, Any]) -> None:
+        for key, j in parts.items():
+            if key in outputs:
+                value = outputs.pop(key)
+                if cfg:
+                    text[NEGATIVE][j], text[PROMPT][j] = value.chunk(2)
+                else:
+                    text[PROMPT][j] = value
+
+    return offered, apply
+
+
+def run_branches(pipe, names: Sequence[str], x, t: torch.Tensor, run: Callable[[str, Any, torch.Tensor], Any]):
+    """One forward per branch (``run(name, latents, timestep)``), for adapters that never batch branches;
+    sets the pipeline's ``_current_timestep`` as the stock loop does."""
+    pipe._current_timestep = t
+    return [run(name, x, t) for name in names]
+
+
+def begin_call(pipe, **attributes: Any) -> None:
+    """Set the per-call attributes the stock ``__call__`` sets (``_guidance_scale=...`` as ``guidance_scale=``),
+    with ``_current_timestep`` and ``_interrupt`` cleared: callbacks and the pipeline's properties read them."""
+    for name, value in attributes.items():
+        setattr(pipe, f"_{name}", value)
+    pipe._current_timestep = None
+    pipe._interrupt = False
+
+
+def make_finish(pipe, args: dict[str, Any], decode: Callable[[Any, str], Any], output_class, field: str):
+    """The stock call's ending: ``decode(latents, output_type)`` unless ``output_type="latent"``, free the
+    offload hooks, then the pipeline's output class (``field=`` the result) or a tuple with ``return_dict=False``."""
+    output_type, return_dict = args["output_type"], args["return_dict"]
+
+    def finish(x):
+        pipe._current_timestep = None
+        result = x if output_type == "latent" else decode(x, output_type)
+        pipe.maybe_free_model_hooks()
+        if not return_dict:
+            return (result,)
+        return output_class(**{field: result})
+
+    return finish
+
+
+def require_negative(policy: GuidancePolicy, available: bool, what: str = "negative_prompt or negative_prompt_embeds"
+                     ) -> None:
+    """Raise before any compute when a branch of ``policy`` reads a negative prompt the call does not give."""
+    if not available and any(policy.branch(name).source == NEGATIVE for name in policy.branches):
+        raise ValueError(f"guidance {policy.describe()} needs {what}")
+
+
+def default_size(pipe, a: dict[str, Any]) -> None:
+    """Image pipelines' default ``height`` / ``width``: the transformer's sample size in pixels."""
+    a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
 
 
 class StepScaledCFG(GuidancePolicy):
@@ -62,6 +142,12 @@ class StepScaledCFG(GuidancePolicy):
 
     def __init__(self, scales: Sequence[float]) -> None:
         self.scales = [float(s) for s in scales]
+
+    def kernel_guidance(self, i: int, active: tuple[str, ...]) -> KernelGuidance | None:
+        return KernelGuidance(uncond=True, scale=self.scales[i]) if len(active) == 2 else PASS_THROUGH
+
+    def capture_key(self) -> tuple:
+        return ()  # the per-step scale is read on device
 
     def combine(self, preds: dict[str, Prediction], i: int) -> Prediction:
         if len(preds) == 1:
@@ -79,17 +165,6 @@ class StepScaledCFG(GuidancePolicy):
     def describe(self) -> str:
         lo, hi = min(self.scales, default=0.0), max(self.scales, default=0.0)
         return f"StepScaledCFG(scales in [{lo:g}, {hi:g}])"
-
-
-def branch_specs(policy: GuidancePolicy) -> dict[str, Any]:
-    """Every branch's declaration (input source, perturbation), by name."""
-    return {name: policy.branch(name) for name in policy.branches}
-
-
-def reads_negative(specs: dict[str, Any]) -> bool:
-    from ..guidance.base import NEGATIVE
-
-    return any(spec.source == NEGATIVE for spec in specs.values())
 
 
 @contextlib.contextmanager
@@ -122,11 +197,3 @@ def batch_groups(names: Sequence[str], batch: bool, key: Callable[[str], Any]) -
         else:
             groups.append([name])
     return groups
-
-
-def check_policy_on(policy: GuidancePolicy, *transformers) -> None:
-    """Raise if ``policy`` cannot run on these transformers (a perturbation out of range, ...); no model runs."""
-    for transformer in transformers:
-        if transformer is not None:
-            policy.check_model(transformer)
-    policy.check_outputs(1)

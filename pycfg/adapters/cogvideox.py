@@ -12,7 +12,6 @@ generator, which every rank holds in the same state (the ranks' arguments are ch
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -22,14 +21,16 @@ from ..guidance import CFG, DynamicCFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
 from ..schedulers import tensors_in
+from ..steps import StepIndex
 from ._common import (
+    batched_text_callbacks,
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    run_branches,
 )
 from .base import Adapter, check_output_type, own_tensor
 
@@ -49,7 +50,8 @@ class CogVideoXUpdate:
         self.on_step = on_step
         self.old_pred_original_sample: torch.Tensor | None = None
 
-    def __call__(self, guided: torch.Tensor, i: int, latents: torch.Tensor) -> torch.Tensor:
+    def __call__(self, guided: torch.Tensor, step: StepIndex, latents: torch.Tensor) -> torch.Tensor:
+        i = step.i
         if self.on_step is not None:
             self.on_step(i)
         t = self.timesteps[i]
@@ -104,29 +106,20 @@ class CogVideoXAdapter(Adapter):
         check_output_type(a["output_type"])
         return a
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        if a["guidance_scale"] <= 1.0:
+            return NoGuidance()
+        if a["use_dynamic_cfg"]:
+            # DynamicCFG's schedule is the pipeline's expression: 1 + w (1 - cos(pi ((N - t) / N) ** 5)) / 2
+            return DynamicCFG(a["guidance_scale"])
+        return CFG(a["guidance_scale"])
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         guidance_scale = a["guidance_scale"]
-        default_cfg = guidance_scale > 1.0
-        if policy is not None:
-            policy = copy.deepcopy(policy)
-        elif not default_cfg:
-            policy = NoGuidance()
-        elif a["use_dynamic_cfg"]:
-            # DynamicCFG's schedule is the pipeline's expression: 1 + w (1 - cos(pi ((N - t) / N) ** 5)) / 2
-            policy = DynamicCFG(guidance_scale)
-        else:
-            policy = CFG(guidance_scale)
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        needs_negative = reads_negative(specs)
-        pipe._guidance_scale = guidance_scale
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        policy = self.request_policy(a, policy)
+        needs_negative = self.needs_negative(policy)
+        begin_call(pipe, guidance_scale=guidance_scale, attention_kwargs=a["attention_kwargs"])
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         device = pipe._execution_device
 
@@ -141,9 +134,9 @@ class CogVideoXAdapter(Adapter):
             device=device,
         )
         # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
-        text = {PROMPT: embeds}
+        text = {PROMPT: [embeds]}
         if needs_negative:
-            text[NEGATIVE] = neg_embeds
+            text[NEGATIVE] = [neg_embeds]
         embeds_dtype = embeds.dtype
 
         scheduler = self.private_scheduler()
@@ -179,26 +172,23 @@ class CogVideoXAdapter(Adapter):
 
         attention_kwargs = a["attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
-            pipe._current_timestep = t
-            model_input = scheduler.scale_model_input(x, t)
-            timestep = t.expand(model_input.shape[0])
-            preds = []
-            for name in names:
-                spec = specs[name]
-                with branch_forward(transformer, name, spec) as extra:
-                    pred = transformer(
-                        hidden_states=model_input,
-                        encoder_hidden_states=text[spec.source],
-                        timestep=timestep,
-                        image_rotary_emb=image_rotary_emb,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                        **extra,
-                    )[0]
-                preds.append(pred.float())
-            return preds
+        def run(name: str, model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            spec = policy.branch(name)
+            with branch_forward(transformer, name, spec) as extra:
+                pred = transformer(
+                    hidden_states=model_input,
+                    encoder_hidden_states=text[spec.source][0],
+                    timestep=t.expand(model_input.shape[0]),
+                    image_rotary_emb=image_rotary_emb,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                    **extra,
+                )[0]
+            return pred.float()
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            t = step.select(timesteps)
+            return run_branches(pipe, names, scheduler.scale_model_input(x, t), t, run)
 
         def on_step(i: int) -> None:
             # stock keeps the dynamic scale on the pipeline, where callbacks read it
@@ -207,41 +197,19 @@ class CogVideoXAdapter(Adapter):
 
         dpm = isinstance(scheduler, module.CogVideoXDPMScheduler)
         update = CogVideoXUpdate(scheduler, timesteps, extra_step_kwargs, dpm, embeds_dtype, on_step)
-        cfg_request = NEGATIVE in text
+        batched_values, apply = batched_text_callbacks(text, {"prompt_embeds": 0}, cfg=NEGATIVE in text)
 
         def offered(x):
-            embeds = torch.cat([text[NEGATIVE], text[PROMPT]], dim=0) if cfg_request else text[PROMPT]
-            return {"latents": x, "prompt_embeds": embeds, "negative_prompt_embeds": text.get(NEGATIVE)}
+            return {**batched_values(x), "negative_prompt_embeds": text[NEGATIVE][0] if NEGATIVE in text else None}
 
-        def apply(outputs):
-            # stock feeds a changed (batched) prompt_embeds to its next batched forward: each branch takes its half
-            if "prompt_embeds" in outputs:
-                value = outputs.pop("prompt_embeds")
-                if cfg_request:
-                    text[NEGATIVE], text[PROMPT] = value.chunk(2)
-                else:
-                    text[PROMPT] = value
-
-        step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
-                                 offered, apply)
-        output_type, return_dict = a["output_type"], a["return_dict"]
-
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            if output_type != "latent":
-                x = x[:, additional_frames:]
-                video = pipe.decode_latents(x)
-                video = pipe.video_processor.postprocess_video(video=video, output_type=output_type)
-            else:
-                video = x
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (video,)
-            return module.CogVideoXPipelineOutput(frames=video)
+        def decode(x: torch.Tensor, output_type: str):
+            video = pipe.decode_latents(x[:, additional_frames:])
+            return pipe.video_processor.postprocess_video(video=video, output_type=output_type)
 
         return self.denoise_job(
             latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=update,
-            finish=finish,
-            step_end=step_end,
+            finish=make_finish(pipe, a, decode, module.CogVideoXPipelineOutput, "frames"),
+            step_end=make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"],
+                                   timesteps, offered, apply),
             prediction_dtype=torch.float32,
         )

@@ -17,7 +17,6 @@ A request runs these hooks, in order, each filling fields of one :class:`FluxReq
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,16 +26,18 @@ import torch
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    default_size,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    require_negative,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
 
 
 @dataclass
@@ -60,12 +61,19 @@ class FluxRequest:
     latent_ids: torch.Tensor | None = None
     #: packed image latents appended to every forward's sequence (Kontext); outputs are sliced back
     image_latents: torch.Tensor | None = None
-    #: the variant's own tensors that ``after_update`` reads (inpainting's mask and noised image latents)
+    #: the variant's own tensors that ``after_update`` reads (inpainting's mask and noised image latents): graph
+    #: inputs, so captured steps are replayed with each request's values
     step_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class FluxAdapter(Adapter):
     pipeline_classes = ("FluxPipeline",)
+    capabilities = AdapterCapabilities(
+        graph_steps=True,
+        graph_value_args=("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "prompt_embeds",
+                          "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                          "latents", "generator", "true_cfg_scale", "guidance_scale", "output_type", "return_dict"),
+    )
 
     # -- check ----------------------------------------------------------------------------------------------------
 
@@ -86,9 +94,7 @@ class FluxAdapter(Adapter):
 
     def default_size(self, a: dict[str, Any]) -> None:
         """Fill ``height`` / ``width`` as the stock call does before its checks."""
-        pipe = self.pipe
-        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        default_size(self.pipe, a)
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         """The pipeline's own ``check_inputs`` with this pipeline's arguments."""
@@ -121,9 +127,6 @@ class FluxAdapter(Adapter):
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         return CFG(a["true_cfg_scale"]) if self._true_cfg(a) else NoGuidance()
-
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
 
     # -- prepare: the hooks, in the order they run ----------------------------------------------------------------
 
@@ -160,45 +163,36 @@ class FluxAdapter(Adapter):
                                     config.get("max_shift", 1.15))
         req.timesteps, _ = module.retrieve_timesteps(scheduler, n_steps, req.device, sigmas=sigmas, mu=mu)
 
-    def after_update(self, req: FluxRequest) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    def after_update(self, req: FluxRequest) -> Callable[[StepIndex, torch.Tensor], torch.Tensor] | None:
         """What the step does to the latents after the solver update (inpainting's blend); None: nothing."""
         return None
 
-    def decode(self, req: FluxRequest, x: torch.Tensor):
+    def decode(self, req: FluxRequest, x: torch.Tensor, output_type: str):
         """The postprocessed images from the final packed latents."""
         pipe = self.pipe
         x = pipe._unpack_latents(x, req.height, req.width, pipe.vae_scale_factor)
         x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
         x = x.to(self.module.get_module_execution_device(pipe.vae))
         image = pipe.vae.decode(x, return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type=req.args["output_type"])
+        return pipe.image_processor.postprocess(image, output_type=output_type)
 
     # -- the job --------------------------------------------------------------------------------------------------
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe = self.pipe
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        needs_negative = reads_negative(specs)
-        if needs_negative and not self._has_negative(a):
-            raise ValueError(
-                f"guidance {policy.describe()} needs negative_prompt, or negative_prompt_embeds with "
-                "negative_pooled_prompt_embeds"
-            )
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        policy = self.request_policy(a, policy)
+        require_negative(policy, self._has_negative(a),
+                         "negative_prompt, or negative_prompt_embeds with negative_pooled_prompt_embeds")
+        begin_call(pipe, guidance_scale=a["guidance_scale"], joint_attention_kwargs=a["joint_attention_kwargs"])
         req = FluxRequest(args=a, device=pipe._execution_device,
                           batch_size=prompt_batch_size(a["prompt"], a["prompt_embeds"]),
                           height=a["height"], width=a["width"])
         self.prepare_images(req)
-        self.encode_texts(req, needs_negative)
+        self.encode_texts(req, self.needs_negative(policy))
         req.scheduler = self.private_scheduler()
         self.prepare_latents_and_timesteps(req)
         pipe._num_timesteps = len(req.timesteps)
-        return self.make_job(req, policy, specs)
+        return self.make_job(req, policy)
 
     def encode_texts(self, req: FluxRequest, needs_negative: bool) -> None:
         """``req.texts``: the pipeline's own ``encode_prompt`` for the prompt and, if a branch reads it, the
@@ -208,15 +202,16 @@ class FluxAdapter(Adapter):
         encode = dict(device=req.device, num_images_per_prompt=a["num_images_per_prompt"],
                       max_sequence_length=a["max_sequence_length"],
                       lora_scale=jak.get("scale", None) if jak is not None else None)
-        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
-        req.texts[PROMPT] = list(self.pipe.encode_prompt(
+        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update; a
+        # captured step's text buffers are written by later requests: never the caller's tensors
+        req.texts[PROMPT] = [own_tensor(t, a) for t in self.pipe.encode_prompt(
             prompt=a["prompt"], prompt_2=a["prompt_2"], prompt_embeds=a["prompt_embeds"],
-            pooled_prompt_embeds=a["pooled_prompt_embeds"], **encode))
+            pooled_prompt_embeds=a["pooled_prompt_embeds"], **encode)]
         if needs_negative:
-            req.texts[NEGATIVE] = list(self.pipe.encode_prompt(
+            req.texts[NEGATIVE] = [own_tensor(t, a) for t in self.pipe.encode_prompt(
                 prompt=a["negative_prompt"], prompt_2=a["negative_prompt_2"],
                 prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
-                **encode))
+                **encode)]
 
     def ip_adapter_embeds(self, req: FluxRequest, needs_negative: bool) -> dict[str, Any]:
         """IP-adapter image embeds by source; stock pairs a lone positive (or negative) IP-adapter image with a
@@ -241,28 +236,27 @@ class FluxAdapter(Adapter):
         black = np.zeros((req.width, req.height, 3), dtype=np.uint8)
         return [black] * self.pipe.transformer.encoder_hid_proj.num_ip_adapters
 
-    def make_job(self, req: FluxRequest, policy: GuidancePolicy, specs) -> Job:
+    def make_job(self, req: FluxRequest, policy: GuidancePolicy) -> Job:
         pipe, a, timesteps = self.pipe, req.args, req.timesteps
         transformer = pipe.transformer
+        guidance_value = guidance = None
         if transformer.config.guidance_embeds:
-            guidance = torch.full([1], a["guidance_scale"], device=req.device, dtype=torch.float32)
-            guidance = guidance.expand(req.latents.shape[0])
-        else:
-            guidance = None
+            guidance_value = torch.full([1], a["guidance_scale"], device=req.device, dtype=torch.float32)
+            guidance = guidance_value.expand(req.latents.shape[0])
         image_embeds = self.ip_adapter_embeds(req, NEGATIVE in req.texts)
         if pipe._joint_attention_kwargs is None:
             pipe._joint_attention_kwargs = {}
         text = req.texts
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            t = step.select(timesteps)
             pipe._current_timestep = t
             timestep = t.expand(x.shape[0]).to(x.dtype)
             hidden = x if req.image_latents is None else torch.cat([x, req.image_latents], dim=1)
             attention_kwargs = pipe._joint_attention_kwargs
             preds = []
             for name in names:
-                spec = specs[name]
+                spec = policy.branch(name)
                 if spec.source in image_embeds:
                     attention_kwargs["ip_adapter_image_embeds"] = image_embeds[spec.source]
                 prompt_embeds, pooled_embeds, text_ids = text[spec.source]
@@ -271,6 +265,7 @@ class FluxAdapter(Adapter):
                                       pooled_projections=pooled_embeds, encoder_hidden_states=prompt_embeds,
                                       txt_ids=text_ids, img_ids=req.latent_ids, joint_attention_kwargs=attention_kwargs,
                                       return_dict=False, **extra)[0]
+                # appended image tokens (Kontext) are sliced off: the prediction covers the generated ones
                 preds.append(out if req.image_latents is None else out[:, : x.size(1)])
             return preds
 
@@ -280,28 +275,30 @@ class FluxAdapter(Adapter):
             if "prompt_embeds" in outputs:
                 text[PROMPT][0] = outputs.pop("prompt_embeds")
 
-        callback_step = make_step_end(
+        step_end = make_step_end(
             pipe, callback, callback_tensor_inputs(callback, a["callback_on_step_end_tensor_inputs"]), timesteps,
             lambda x: {"latents": x, "prompt_embeds": text[PROMPT][0]}, apply,
         )
-        blend = self.after_update(req)
 
-        def step_end(i: int, x: torch.Tensor) -> torch.Tensor:
-            # stock blends right after the solver step, before the callback
-            return callback_step(i, blend(i, x) if blend is not None else x)
-
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            image = x if a["output_type"] == "latent" else self.decode(req, x)
-            pipe.maybe_free_model_hooks()
-            if not a["return_dict"]:
-                return (image,)
-            return self.module.FluxPipelineOutput(images=image)
+        def graph_inputs() -> dict[str, torch.Tensor]:
+            tensors = {"timesteps": timesteps, "img_ids": req.latent_ids, **req.step_tensors}
+            for source, parts in text.items():
+                tensors.update({f"{source}_{k}": v for k, v in zip(("embeds", "pooled", "ids"), parts)})
+            if guidance_value is not None:
+                tensors["guidance"] = guidance_value
+            if req.image_latents is not None:
+                tensors["image_latents"] = req.image_latents
+            return tensors
 
         policy.set_timesteps([t.item() for t in timesteps])
-        stepper = self.make_update(req.scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
-            latents=req.latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
-            finish=finish, step_end=step_end if callback is not None or blend is not None else None,
+            latents=req.latents, timesteps=timesteps, policy=policy, forward=forward,
+            update=self.make_update(req.scheduler, timesteps, generator=a["generator"]),
+            finish=make_finish(pipe, a, lambda x, output_type: self.decode(req, x, output_type),
+                               self.module.FluxPipelineOutput, "images"),
+            step_end=step_end,
+            after_update=self.after_update(req),
             prediction_dtype=transformer.dtype,
+            not_graphable="IP-Adapter image embeddings are switched per branch on the host" if image_embeds else None,
+            graph_inputs=graph_inputs,
         )

@@ -9,7 +9,6 @@ generated tokens.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -18,19 +17,22 @@ import torch
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    run_branches,
 )
 from .base import Adapter, check_output_type, own_tensor
 
 
 class Flux2KleinAdapter(Adapter):
+    """No step graphs: the FLUX.2 transformer is untested under capture here; steps run eagerly."""
+
     pipeline_classes = ("Flux2KleinPipeline",)
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -46,9 +48,6 @@ class Flux2KleinAdapter(Adapter):
             pipe.image_processor.check_image_input(image)
         check_output_type(a["output_type"])
         return a
-
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if a["guidance_scale"] > 1 and not self.pipe.config.is_distilled:
@@ -78,20 +77,15 @@ class Flux2KleinAdapter(Adapter):
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        policy = self.request_policy(a, policy)
+        begin_call(pipe, guidance_scale=a["guidance_scale"], attention_kwargs=a["attention_kwargs"])
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         device = pipe._execution_device
         encode = dict(device=device, num_images_per_prompt=a["num_images_per_prompt"],
                       max_sequence_length=a["max_sequence_length"],
                       text_encoder_out_layers=a["text_encoder_out_layers"])
         text = {PROMPT: list(pipe.encode_prompt(prompt=a["prompt"], prompt_embeds=a["prompt_embeds"], **encode))}
-        if reads_negative(specs):
+        if self.needs_negative(policy):
             negative = [""] * len(a["prompt"]) if isinstance(a["prompt"], list) else ""
             text[NEGATIVE] = list(pipe.encode_prompt(prompt=negative, prompt_embeds=a["negative_prompt_embeds"],
                                                      **encode))
@@ -123,22 +117,20 @@ class Flux2KleinAdapter(Adapter):
         transformer = pipe.transformer
         attention_kwargs = a["attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
-            pipe._current_timestep = t
+        def run(name: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = t.expand(x.shape[0]).to(x.dtype)
             model_input = x.to(transformer.dtype)
             if image_latents is not None:
                 model_input = torch.cat([x, image_latents], dim=1).to(transformer.dtype)
-            preds = []
-            for name in names:
-                embeds, text_ids = text[specs[name].source]
-                with branch_forward(transformer, name, specs[name]) as extra:
-                    out = transformer(hidden_states=model_input, timestep=timestep / 1000, guidance=None,
-                                      encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids,
-                                      joint_attention_kwargs=attention_kwargs, return_dict=False, **extra)[0]
-                preds.append(out[:, : x.size(1):])
-            return preds
+            embeds, text_ids = text[policy.branch(name).source]
+            with branch_forward(transformer, name, policy.branch(name)) as extra:
+                out = transformer(hidden_states=model_input, timestep=timestep / 1000, guidance=None,
+                                  encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids,
+                                  joint_attention_kwargs=attention_kwargs, return_dict=False, **extra)[0]
+            return out[:, : x.size(1):]  # the reference images' tokens are sliced off
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            return run_branches(pipe, names, x, step.select(timesteps), run)
 
         def apply(outputs):
             if "prompt_embeds" in outputs:
@@ -146,31 +138,25 @@ class Flux2KleinAdapter(Adapter):
 
         step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
                                  lambda x: {"latents": x, "prompt_embeds": text[PROMPT][0]}, apply)
-        output_type, return_dict = a["output_type"], a["return_dict"]
-
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
+        def finish_latents(x: torch.Tensor) -> torch.Tensor:
+            # stock unpacks and denormalises before its output-type switch: "latent" returns these
             latent_height = 2 * (int(height) // (pipe.vae_scale_factor * 2))
             latent_width = 2 * (int(width) // (pipe.vae_scale_factor * 2))
             x = pipe._unpack_latents_with_ids(x, latent_ids, latent_height // 2, latent_width // 2)
             bn_mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
             bn_std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(
                 x.device, x.dtype)
-            x = pipe._unpatchify_latents(x * bn_std + bn_mean)
-            if output_type == "latent":
-                image = x
-            else:
-                x = x.to(module.get_module_execution_device(pipe.vae))
-                image = pipe.vae.decode(x, return_dict=False)[0]
-                image = pipe.image_processor.postprocess(image, output_type=output_type)
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (image,)
-            return module.Flux2PipelineOutput(images=image)
+            return pipe._unpatchify_latents(x * bn_std + bn_mean)
+
+        def decode(x: torch.Tensor, output_type: str):
+            x = x.to(module.get_module_execution_device(pipe.vae))
+            image = pipe.vae.decode(x, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type=output_type)
+
+        finish = make_finish(pipe, a, decode, module.Flux2PipelineOutput, "images")
 
         policy.set_timesteps([t.item() for t in timesteps])
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(latents=latents, timesteps=timesteps, policy=policy, forward=forward,
-                                update=stepper, finish=finish,
-                                step_end=step_end if a["callback_on_step_end"] is not None else None,
+                                update=stepper, finish=lambda x: finish(finish_latents(x)), step_end=step_end,
                                 prediction_dtype=transformer.dtype)

@@ -21,13 +21,18 @@ from typing import Any, NamedTuple
 import torch
 
 from ..guidance.base import PROMPT
+from ..steps import StepIndex
 from ._pipeline_view import with_scheduler
-from .base import own_tensor
+from .base import AdapterCapabilities, own_tensor
 from .flux import FluxAdapter, FluxRequest
+
+#: call arguments of the image variants that reach the steps only through graph inputs (the encoded image)
+IMAGE_VALUE_ARGS = FluxAdapter.capabilities.graph_value_args + ("image",)
 
 
 class FluxKontextAdapter(FluxAdapter):
     pipeline_classes = ("FluxKontextPipeline",)
+    capabilities = AdapterCapabilities(graph_steps=True, graph_value_args=IMAGE_VALUE_ARGS)
 
     def default_size(self, a: dict[str, Any]) -> None:
         # stock fits the requested aspect ratio to max_area, rounded to the packing multiple (inline, no helper)
@@ -68,6 +73,7 @@ class FluxKontextAdapter(FluxAdapter):
 
 class FluxImg2ImgAdapter(FluxAdapter):
     pipeline_classes = ("FluxImg2ImgPipeline",)
+    capabilities = AdapterCapabilities(graph_steps=True, graph_value_args=IMAGE_VALUE_ARGS)
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["prompt_2"], a["strength"], a["height"], a["width"],
@@ -110,6 +116,8 @@ class InpaintImages(NamedTuple):
 
 class FluxInpaintAdapter(FluxImg2ImgAdapter):
     pipeline_classes = ("FluxInpaintPipeline",)
+    capabilities = AdapterCapabilities(graph_steps=True,
+                                       graph_value_args=IMAGE_VALUE_ARGS + ("mask_image", "masked_image_latents"))
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["prompt_2"], a["image"], a["mask_image"], a["strength"], a["height"],
@@ -153,13 +161,13 @@ class FluxInpaintAdapter(FluxImg2ImgAdapter):
     def after_update(self, req: FluxRequest):
         mask, noised = req.step_tensors["mask"], req.step_tensors["noised_image_latents"]
 
-        def blend(i: int, x: torch.Tensor) -> torch.Tensor:
-            return (1 - mask) * noised[i] + mask * x
+        def blend(step: StepIndex, x: torch.Tensor) -> torch.Tensor:
+            return (1 - mask) * step.select(noised) + mask * x
 
         return blend
 
-    def decode(self, req: FluxRequest, x: torch.Tensor):
-        images = super().decode(req, x)
+    def decode(self, req: FluxRequest, x: torch.Tensor, output_type: str):
+        images = super().decode(req, x, output_type)
         if req.args["padding_mask_crop"] is None:
             return images
         overlay = self.pipe.image_processor.apply_overlay

@@ -7,7 +7,6 @@ stock); embedded-guidance requests run the single ``cond`` branch on every rank.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -16,14 +15,16 @@ import torch
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    require_negative,
+    run_branches,
 )
 from .base import Adapter, check_output_type, own_tensor
 
@@ -60,25 +61,13 @@ class HunyuanVideoAdapter(Adapter):
             return CFG(a["true_cfg_scale"])
         return NoGuidance()
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
-
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        needs_negative = reads_negative(specs)
-        if needs_negative and not self._has_negative(a):
-            raise ValueError(
-                f"guidance {policy.describe()} needs negative_prompt, or negative_prompt_embeds with "
-                "negative_pooled_prompt_embeds"
-            )
-
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        policy = self.request_policy(a, policy)
+        require_negative(policy, self._has_negative(a),
+                         "negative_prompt, or negative_prompt_embeds with negative_pooled_prompt_embeds")
+        needs_negative = self.needs_negative(policy)
+        begin_call(pipe, guidance_scale=a["guidance_scale"], attention_kwargs=a["attention_kwargs"])
         device = pipe._execution_device
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         transformer = pipe.transformer
@@ -116,28 +105,24 @@ class HunyuanVideoAdapter(Adapter):
         pipe._num_timesteps = len(timesteps)
         attention_kwargs = a["attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
-            pipe._current_timestep = t
-            model_input = x.to(transformer_dtype)
-            timestep = t.expand(x.shape[0]).to(x.dtype)
-            preds = []
-            for name in names:
-                spec = specs[name]
-                embeds, mask, pooled = text[spec.source]
-                with branch_forward(transformer, name, spec) as extra:
-                    preds.append(transformer(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=embeds,
-                        encoder_attention_mask=mask,
-                        pooled_projections=pooled,
-                        guidance=guidance,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                        **extra,
-                    )[0])
-            return preds
+        def run(name: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            spec = policy.branch(name)
+            embeds, mask, pooled = text[spec.source]
+            with branch_forward(transformer, name, spec) as extra:
+                return transformer(
+                    hidden_states=x.to(transformer_dtype),
+                    timestep=t.expand(x.shape[0]).to(x.dtype),
+                    encoder_hidden_states=embeds,
+                    encoder_attention_mask=mask,
+                    pooled_projections=pooled,
+                    guidance=guidance,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                    **extra,
+                )[0]
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            return run_branches(pipe, names, x, step.select(timesteps), run)
 
         def apply(outputs):
             if "prompt_embeds" in outputs:
@@ -145,26 +130,17 @@ class HunyuanVideoAdapter(Adapter):
 
         step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
                                  lambda x: {"latents": x, "prompt_embeds": text[PROMPT][0]}, apply)
-        output_type, return_dict = a["output_type"], a["return_dict"]
 
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            if output_type != "latent":
-                x = x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-                video = pipe.vae.decode(x, return_dict=False)[0]
-                video = pipe.video_processor.postprocess_video(video, output_type=output_type)
-            else:
-                video = x
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (video,)
-            return module.HunyuanVideoPipelineOutput(frames=video)
+        def decode(x: torch.Tensor, output_type: str):
+            x = x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+            video = pipe.vae.decode(x, return_dict=False)[0]
+            return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
         policy.set_timesteps([t.item() for t in timesteps])
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
             latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
-            finish=finish,
+            finish=make_finish(pipe, a, decode, module.HunyuanVideoPipelineOutput, "frames"),
             step_end=step_end,
             prediction_dtype=transformer_dtype,
         )

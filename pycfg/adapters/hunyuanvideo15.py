@@ -10,7 +10,6 @@ rescale). The user's guider object is never stepped.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,8 @@ import torch
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT, Prediction
 from ..runtime.job import Job
-from ._common import branch_forward, branch_specs, check_policy_on, prompt_batch_size, reads_negative
+from ..steps import StepIndex
+from ._common import begin_call, branch_forward, make_finish, prompt_batch_size, run_branches
 from .base import Adapter, check_output_type, own_tensor
 
 TEXT_INPUTS = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
@@ -60,6 +60,8 @@ def guider_policy(guider) -> GuidancePolicy:
 
 
 class HunyuanVideo15Adapter(Adapter):
+    """No step graphs: the HunyuanVideo-1.5 transformer is untested under capture here; steps run eagerly."""
+
     pipeline_classes = ("HunyuanVideo15Pipeline",)
 
     # -- what the variants override ---------------------------------------------------------------------------
@@ -99,21 +101,14 @@ class HunyuanVideo15Adapter(Adapter):
         check_output_type(a["output_type"])
         return a
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
-
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         return guider_policy(self.pipe.guider)
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
-        specs = branch_specs(policy)
+        policy = self.request_policy(a, policy)
         height, width = self.size(a)
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        begin_call(pipe, attention_kwargs=a["attention_kwargs"])
         device = pipe._execution_device
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         n_per = a["num_videos_per_prompt"]
@@ -127,7 +122,7 @@ class HunyuanVideo15Adapter(Adapter):
                              "encoder_attention_mask_2"), encoded))
 
         text = {PROMPT: encode("", a["prompt"])}
-        if reads_negative(specs):
+        if self.needs_negative(policy):
             text[NEGATIVE] = encode("negative_", a["negative_prompt"])
 
         scheduler = self.private_scheduler()
@@ -142,39 +137,30 @@ class HunyuanVideo15Adapter(Adapter):
         pipe._num_timesteps = len(timesteps)
         attention_kwargs = a["attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
-            pipe._current_timestep = t
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
             model_input = torch.cat([x, cond_latents, mask], dim=1)
-            timestep = t.expand(model_input.shape[0]).to(model_input.dtype)
-            extra_inputs = self.step_inputs(i, x, timesteps, device)
-            preds = []
-            for name in names:
-                with branch_forward(transformer, name, specs[name]) as extra:
-                    preds.append(transformer(hidden_states=model_input, image_embeds=image_embeds, timestep=timestep,
-                                             attention_kwargs=attention_kwargs, return_dict=False,
-                                             **text[specs[name].source], **extra_inputs, **extra)[0])
-            return preds
+            extra_inputs = self.step_inputs(step.i, x, timesteps, device)
 
-        output_type, return_dict = a["output_type"], a["return_dict"]
+            def run(name: str, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                timestep = t.expand(model_input.shape[0]).to(model_input.dtype)
+                with branch_forward(transformer, name, policy.branch(name)) as extra:
+                    return transformer(hidden_states=model_input, image_embeds=image_embeds, timestep=timestep,
+                                       attention_kwargs=attention_kwargs, return_dict=False,
+                                       **text[policy.branch(name).source], **extra_inputs, **extra)[0]
 
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            if output_type != "latent":
-                x = x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-                video = pipe.vae.decode(x, return_dict=False)[0]
-                video = pipe.video_processor.postprocess_video(video, output_type=output_type)
-            else:
-                video = x
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (video,)
-            return module.HunyuanVideo15PipelineOutput(frames=video)
+            return run_branches(pipe, names, x, step.select(timesteps), run)
+
+        def decode(x: torch.Tensor, output_type: str):
+            x = x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+            video = pipe.vae.decode(x, return_dict=False)[0]
+            return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
         policy.set_timesteps([t.item() for t in timesteps])
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(latents=latents, timesteps=timesteps, policy=policy, forward=forward,
-                                update=stepper, finish=finish, step_end=None, prediction_dtype=transformer.dtype)
+                                update=stepper,
+                                finish=make_finish(pipe, a, decode, module.HunyuanVideo15PipelineOutput, "frames"),
+                                step_end=None, prediction_dtype=transformer.dtype)
 
 
 class HunyuanVideo15ImageToVideoAdapter(HunyuanVideo15Adapter):

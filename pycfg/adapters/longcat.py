@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
-from ..guidance.base import NEGATIVE, PROMPT, Prediction
+from ..guidance.base import NEGATIVE, PROMPT, KernelGuidance, Prediction
 from ..runtime.job import Job
-from ._common import branch_forward, branch_specs, check_policy_on, prompt_batch_size, reads_negative
+from ..steps import StepIndex
+from ._common import begin_call, branch_forward, default_size, make_finish, prompt_batch_size, run_branches
 from .base import Adapter, check_output_type, own_tensor
 
 
@@ -29,6 +30,9 @@ class LongCatCFG(CFG):
     def __init__(self, scale: float, renorm_min: float = 0.0) -> None:
         super().__init__(scale)
         self.renorm_min = float(renorm_min)
+
+    def kernel_guidance(self, i: int, active: tuple[str, ...]) -> KernelGuidance | None:
+        return None  # the kernel has no clamped renorm: the combine runs here, the kernel does the update alone
 
     def combine(self, preds: dict[str, Prediction], i: int) -> Prediction:
         comb = super().combine(preds, i)
@@ -43,20 +47,18 @@ class LongCatCFG(CFG):
 
 
 class LongCatImageAdapter(Adapter):
+    """No step graphs: LongCat's transformer is untested under capture here; steps run eagerly."""
+
     pipeline_classes = ("LongCatImagePipeline",)
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
         a = self.bind(kwargs)
-        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        default_size(pipe, a)
         pipe.check_inputs(a["prompt"], a["height"], a["width"], negative_prompt=a["negative_prompt"],
                           prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"])
         check_output_type(a["output_type"])
         return a
-
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if not a["guidance_scale"] > 1:
@@ -73,11 +75,7 @@ class LongCatImageAdapter(Adapter):
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
         policy = self.request_policy(a, policy)
-        specs = branch_specs(policy)
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        begin_call(pipe, guidance_scale=a["guidance_scale"], joint_attention_kwargs=a["joint_attention_kwargs"])
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         device = pipe._execution_device
 
@@ -85,7 +83,7 @@ class LongCatImageAdapter(Adapter):
         if a["enable_prompt_rewrite"]:
             prompt = pipe.rewire_prompt(prompt, device)
         text = {PROMPT: list(self.encode(prompt, a["prompt_embeds"], a, device))}
-        if reads_negative(specs):
+        if self.needs_negative(policy):
             negative = "" if a["negative_prompt"] is None else a["negative_prompt"]
             text[NEGATIVE] = list(self.encode(negative, a["negative_prompt_embeds"], a, device))
 
@@ -106,45 +104,28 @@ class LongCatImageAdapter(Adapter):
             pipe._joint_attention_kwargs = {}
         transformer = pipe.transformer
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
-            pipe._current_timestep = t
+        def run(name: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            embeds, ids = text[policy.branch(name).source]
             timestep = t.expand(x.shape[0]).to(x.dtype)
-            preds = []
-            for name in names:
-                embeds, ids = text[specs[name].source]
-                with branch_forward(transformer, name, specs[name]) as extra:
-                    preds.append(transformer(hidden_states=x, timestep=timestep / 1000, guidance=None,
-                                             encoder_hidden_states=embeds, txt_ids=ids, img_ids=image_ids,
-                                             return_dict=False, **extra)[0])
-            return preds
+            with branch_forward(transformer, name, policy.branch(name)) as extra:
+                return transformer(hidden_states=x, timestep=timestep / 1000, guidance=None,
+                                   encoder_hidden_states=embeds, txt_ids=ids, img_ids=image_ids, return_dict=False,
+                                   **extra)[0]
 
-        output_type, return_dict = a["output_type"], a["return_dict"]
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            return run_branches(pipe, names, x, step.select(timesteps), run)
 
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            if output_type == "latent":
-                image = x
-            else:
-                x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
-                x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-                if x.dtype != pipe.vae.dtype:
-                    x = x.to(dtype=pipe.vae.dtype)
-                image = pipe.vae.decode(x, return_dict=False)[0]
-                image = pipe.image_processor.postprocess(image, output_type=output_type)
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (image,)
-            return module.LongCatImagePipelineOutput(images=image)
+        def decode(x: torch.Tensor, output_type: str):
+            x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+            x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+            if x.dtype != pipe.vae.dtype:
+                x = x.to(dtype=pipe.vae.dtype)
+            image = pipe.vae.decode(x, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type=output_type)
 
         policy.set_timesteps([t.item() for t in timesteps])
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(latents=latents, timesteps=timesteps, policy=policy, forward=forward,
-                                update=stepper, finish=finish, step_end=None, prediction_dtype=transformer.dtype)
-
-    def request_policy(self, a, policy):
-        import copy
-
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
-        return policy
+                                update=stepper, finish=make_finish(pipe, a, decode, module.LongCatImagePipelineOutput,
+                                                                   "images"),
+                                step_end=None, prediction_dtype=transformer.dtype)

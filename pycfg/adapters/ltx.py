@@ -8,29 +8,26 @@ cfg_parallel_size. As stock, every prediction is upcast to fp32 before the combi
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..guidance import GuidancePolicy, NoGuidance
-from ..guidance.base import NEGATIVE, PROMPT, Prediction, weighted_sum_fp32
+from ..guidance.base import NEGATIVE, PROMPT, Prediction, per_sample_std, weighted_sum_fp32
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
+    batched_text_callbacks,
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    run_branches,
 )
 from .base import Adapter, check_output_type, own_tensor
-
-
-def _per_sample_std(x: torch.Tensor) -> torch.Tensor:
-    return x.std(dim=list(range(1, x.ndim)), keepdim=True)
 
 
 class LTXGuidance(GuidancePolicy):
@@ -62,19 +59,37 @@ class LTXGuidance(GuidancePolicy):
         if self.rescale > 0:
             cond = preds.get("cond")
             shape = (like.shape[0],) + (1,) * (like.ndim - 1)
-            terms.append(_per_sample_std(cond.float()) if cond is not None
+            terms.append(per_sample_std(cond.float()) if cond is not None
                          else torch.zeros(shape, dtype=torch.float32, device=like.device))
         return terms
 
     def reduce_finish(self, terms, i, like):
         p = terms[0]
         if self.rescale > 0:
-            rescaled = p * (terms[1] / _per_sample_std(p))
+            rescaled = p * (terms[1] / per_sample_std(p))
             p = self.rescale * rescaled + (1 - self.rescale) * p
         return p.to(like.dtype)
 
     def describe(self) -> str:
         return f"LTXGuidance(scale={self.scale}, rescale={self.rescale})"
+
+
+def decode_noise(module, vae, x: torch.Tensor, a: dict[str, Any], batch_size: int, device):
+    """LTX's decode-time noise, as stock: ``(latents, decode timestep)``; latents unchanged and no timestep for a
+    VAE without timestep conditioning. The call's generator, in the same state on every rank, draws the noise."""
+    if not vae.config.timestep_conditioning:
+        return x, None
+    noise = module.randn_tensor(x.shape, generator=a["generator"], device=device, dtype=x.dtype)
+    dt, dns = a["decode_timestep"], a["decode_noise_scale"]
+    if not isinstance(dt, list):
+        dt = [dt] * batch_size
+    if dns is None:
+        dns = dt
+    elif not isinstance(dns, list):
+        dns = [dns] * batch_size
+    timestep = torch.tensor(dt, device=device, dtype=x.dtype)
+    dns = torch.tensor(dns, device=device, dtype=x.dtype)[:, None, None, None, None]
+    return (1 - dns) * x + dns * noise, timestep
 
 
 class LTXAdapter(Adapter):
@@ -99,27 +114,17 @@ class LTXAdapter(Adapter):
         check_output_type(a["output_type"])
         return a
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        if a["guidance_scale"] > 1.0:
+            return LTXGuidance(a["guidance_scale"], a["guidance_rescale"], self.module.rescale_noise_cfg)
+        return NoGuidance()
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        guidance_scale, guidance_rescale = a["guidance_scale"], a["guidance_rescale"]
-        if policy is not None:
-            policy = copy.deepcopy(policy)
-        elif guidance_scale > 1.0:
-            policy = LTXGuidance(guidance_scale, guidance_rescale, module.rescale_noise_cfg)
-        else:
-            policy = NoGuidance()
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        needs_negative = reads_negative(specs)
-
-        pipe._guidance_scale = guidance_scale
-        pipe._guidance_rescale = guidance_rescale
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._interrupt = False
-        pipe._current_timestep = None
+        policy = self.request_policy(a, policy)
+        needs_negative = self.needs_negative(policy)
+        begin_call(pipe, guidance_scale=a["guidance_scale"], guidance_rescale=a["guidance_rescale"],
+                   attention_kwargs=a["attention_kwargs"])
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         device = pipe._execution_device
 
@@ -171,91 +176,48 @@ class LTXAdapter(Adapter):
         )
         attention_kwargs = a["attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
-            pipe._current_timestep = t
-            timestep = t.expand(x.shape[0])
-            preds = []
-            for name in names:
-                spec = specs[name]
-                prompt_embeds, prompt_mask = text[spec.source]
-                with branch_forward(transformer, name, spec) as extra:
-                    pred = transformer(
-                        hidden_states=x.to(prompt_embeds.dtype),
-                        encoder_hidden_states=prompt_embeds,
-                        timestep=timestep,
-                        encoder_attention_mask=prompt_mask,
-                        num_frames=latent_num_frames,
-                        height=latent_height,
-                        width=latent_width,
-                        rope_interpolation_scale=rope_interpolation_scale,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                        **extra,
-                    )[0]
-                preds.append(pred.float())
-            return preds
+        def run(name: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            spec = policy.branch(name)
+            prompt_embeds, prompt_mask = text[spec.source]
+            with branch_forward(transformer, name, spec) as extra:
+                pred = transformer(
+                    hidden_states=x.to(prompt_embeds.dtype),
+                    encoder_hidden_states=prompt_embeds,
+                    timestep=t.expand(x.shape[0]),
+                    encoder_attention_mask=prompt_mask,
+                    num_frames=latent_num_frames,
+                    height=latent_height,
+                    width=latent_width,
+                    rope_interpolation_scale=rope_interpolation_scale,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                    **extra,
+                )[0]
+            return pred.float()
 
-        cfg_request = NEGATIVE in text
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            return run_branches(pipe, names, x, step.select(timesteps), run)
 
-        def offered(x):
-            # the stock loop's locals: with CFG, prompt embeds are the batched cat([neg, pos])
-            embeds = text[PROMPT][0]
-            if cfg_request:
-                embeds = torch.cat([text[NEGATIVE][0], embeds], dim=0)
-            return {"latents": x, "prompt_embeds": embeds}
-
-        def apply(outputs):
-            if "prompt_embeds" in outputs:
-                value = outputs.pop("prompt_embeds")
-                if cfg_request:
-                    text[NEGATIVE][0], text[PROMPT][0] = value.chunk(2)
-                else:
-                    text[PROMPT][0] = value
-
+        offered, apply = batched_text_callbacks(text, {"prompt_embeds": 0}, cfg=NEGATIVE in text)
         step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
                                  offered, apply)
-        output_type, return_dict = a["output_type"], a["return_dict"]
-        decode_timestep, decode_noise_scale = a["decode_timestep"], a["decode_noise_scale"]
-        generator = a["generator"]
 
-        def finish(x: torch.Tensor):
-            if output_type == "latent":
-                video = x
-            else:
-                vae = pipe.vae
-                x = pipe._unpack_latents(x, latent_num_frames, latent_height, latent_width,
-                                         pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
-                x = pipe._denormalize_latents(x, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
-                x = x.to(text[PROMPT][0].dtype)
-                if not vae.config.timestep_conditioning:
-                    timestep = None
-                else:
-                    # the same generator, in the same state on every rank, draws the decode noise as stock does
-                    noise = module.randn_tensor(x.shape, generator=generator, device=device, dtype=x.dtype)
-                    dt, dns = decode_timestep, decode_noise_scale
-                    if not isinstance(dt, list):
-                        dt = [dt] * batch_size
-                    if dns is None:
-                        dns = dt
-                    elif not isinstance(dns, list):
-                        dns = [dns] * batch_size
-                    timestep = torch.tensor(dt, device=device, dtype=x.dtype)
-                    dns = torch.tensor(dns, device=device, dtype=x.dtype)[:, None, None, None, None]
-                    x = (1 - dns) * x + dns * noise
-                x = x.to(vae.dtype)
-                video = vae.decode(x, timestep, return_dict=False)[0]
-                video = pipe.video_processor.postprocess_video(video, output_type=output_type)
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (video,)
-            return module.LTXPipelineOutput(frames=video)
+        def decode(x: torch.Tensor, output_type: str):
+            vae = pipe.vae
+            x = pipe._unpack_latents(x, latent_num_frames, latent_height, latent_width,
+                                     pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size)
+            x = pipe._denormalize_latents(x, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+            x = x.to(text[PROMPT][0].dtype)
+            x, timestep = decode_noise(module, vae, x, a, batch_size, device)
+            x = x.to(vae.dtype)
+            video = vae.decode(x, timestep, return_dict=False)[0]
+            return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
         policy.set_timesteps([t.item() for t in timesteps])
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
             latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
-            finish=finish,
+            finish=make_finish(pipe, a, decode, module.LTXPipelineOutput, "frames"),
             step_end=step_end,
             prediction_dtype=torch.float32,
         )

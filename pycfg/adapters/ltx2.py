@@ -18,7 +18,6 @@ too and the output is stock's bits.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import numpy as np
@@ -27,9 +26,11 @@ import torch
 from ..guidance import Branch, GuidancePolicy, MultiBranch, Term
 from ..guidance.base import NEGATIVE, PROMPT, Prediction, outputs_of
 from ..guidance.perturb import ForwardKwargs, perturbed
-from ..runtime.job import Job
-from ._common import batch_groups, callback_tensor_inputs, make_step_end, prompt_batch_size
-from .base import Adapter, check_output_type, own_tensor
+from ..runtime.job import Job, Update
+from ..steps import StepIndex
+from ._common import batch_groups, begin_call, callback_tensor_inputs, make_step_end, prompt_batch_size
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .ltx import decode_noise
 
 #: branch names of the default policy, in the order the stock loop runs them
 COND, UNCOND, STG, MODALITY = "cond", "uncond", "stg", "modality"
@@ -104,8 +105,34 @@ def _resolve_audio(a: dict[str, Any]) -> None:
     a["audio_guidance_rescale"] = a["audio_guidance_rescale"] or a["guidance_rescale"]
 
 
+class TwoModalityUpdate:
+    """The stock update of both modalities: the combined x0 back to a velocity per modality, then each modality's
+    own private scheduler (or fused update)."""
+
+    fused = False
+
+    def __init__(self, pipe, video_step: Update, audio_step: Update, video_scheduler, audio_scheduler) -> None:
+        self.pipe = pipe
+        self.video_step, self.audio_step = video_step, audio_step
+        self.video_scheduler, self.audio_scheduler = video_scheduler, audio_scheduler
+
+    def __call__(self, guided, step: StepIndex, x):
+        video, audio = x
+        g_video, g_audio = guided
+        v_video = self.pipe.convert_x0_to_velocity(video, g_video, step.i, self.video_scheduler)
+        v_audio = self.pipe.convert_x0_to_velocity(audio, g_audio, step.i, self.audio_scheduler)
+        return self.video_step(v_video, step, video), self.audio_step(v_audio, step, audio)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"video.{k}": v for k, v in self.video_step.state_tensors().items()}
+        state.update({f"audio.{k}": v for k, v in self.audio_step.state_tensors().items()})
+        return state
+
+
 class LTX2Adapter(Adapter):
     pipeline_classes = ("LTX2Pipeline",)
+    #: the x0 conversion reads the step's sigma on the host: steps are never captured
+    capabilities = AdapterCapabilities(batchable=True, outputs=2)
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
@@ -142,30 +169,14 @@ class LTX2Adapter(Adapter):
             a["spatio_temporal_guidance_blocks"] or (), self.module.rescale_noise_cfg,
         )
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        """Raise if ``policy`` cannot run here: perturbations must fit the transformer, scales the two outputs."""
-        policy.check_model(self.pipe.transformer)
-        policy.check_outputs(2)
-
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
+        policy = self.request_policy(a, policy)
         specs = {name: policy.branch(name) for name in policy.branches}
-        needs_negative = any(spec.source == NEGATIVE for spec in specs.values())
-
-        # the pipeline's per-call attributes, as the stock __call__ sets them (callbacks and properties read them)
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._stg_scale = a["stg_scale"]
-        pipe._modality_scale = a["modality_scale"]
-        pipe._guidance_rescale = a["guidance_rescale"]
-        pipe._audio_guidance_scale = a["audio_guidance_scale"]
-        pipe._audio_stg_scale = a["audio_stg_scale"]
-        pipe._audio_modality_scale = a["audio_modality_scale"]
-        pipe._audio_guidance_rescale = a["audio_guidance_rescale"]
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._interrupt = False
-        pipe._current_timestep = None
+        needs_negative = self.needs_negative(policy)
+        begin_call(pipe, **{name: a[name] for name in (
+            "guidance_scale", "stg_scale", "modality_scale", "guidance_rescale", "audio_guidance_scale",
+            "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale", "attention_kwargs")})
 
         prompt = a["prompt"]
         batch_size = prompt_batch_size(prompt, a["prompt_embeds"])
@@ -349,13 +360,13 @@ class LTX2Adapter(Adapter):
                 )
             return zip(v_video.float().chunk(n), v_audio.float().chunk(n))
 
-        def forward(names: tuple[str, ...], x, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def forward(names: tuple[str, ...], x, step: StepIndex, batched: bool) -> list[tuple[torch.Tensor, ...]]:
             video, audio = x
-            t = timesteps[i]
+            i = step.i
+            t = step.select(timesteps)
             pipe._current_timestep = t
-            batch = getattr(self, "batch_branches", False) is True
             velocities = {}
-            for group in batch_groups(names, batch, batch_key):
+            for group in batch_groups(names, batched, batch_key):
                 velocities.update(zip(group, run(group, video, audio, t)))
             # the stock combine works on x0 = x - sigma * v, per modality with its own scheduler's sigma
             return [(pipe.convert_velocity_to_x0(video, velocities[name][0], i, video_scheduler),
@@ -365,20 +376,8 @@ class LTX2Adapter(Adapter):
             spec = specs[name]
             return (spec.perturbation, tuple(branch_text[spec.source][0].shape))
 
-        video_step = self.make_update(video_scheduler, timesteps)
-        audio_step = self.make_update(audio_scheduler, timesteps)
-
-        def update(guided, i: int, x):
-            video, audio = x
-            g_video, g_audio = guided
-            v_video = pipe.convert_x0_to_velocity(video, g_video, i, video_scheduler)
-            v_audio = pipe.convert_x0_to_velocity(audio, g_audio, i, audio_scheduler)
-            return video_step(v_video, i, video), audio_step(v_audio, i, audio)
-
-        def state_tensors() -> dict[str, torch.Tensor]:
-            state = {f"video.{k}": v for k, v in video_step.state_tensors().items()}
-            state.update({f"audio.{k}": v for k, v in audio_step.state_tensors().items()})
-            return state
+        update = TwoModalityUpdate(pipe, self.make_update(video_scheduler, timesteps),
+                                   self.make_update(audio_scheduler, timesteps), video_scheduler, audio_scheduler)
 
         def offered(video):
             return {"latents": video, **callback_embeds}
@@ -394,8 +393,9 @@ class LTX2Adapter(Adapter):
             # the stock callback may replace the video latents only; audio latents are not offered
             return video_step_end(i, x[0]), x[1]
 
+        step_end = step_end if video_step_end is not None else None
+
         output_type, return_dict = a["output_type"], a["return_dict"]
-        decode_timestep, decode_noise_scale = a["decode_timestep"], a["decode_noise_scale"]
 
         def finish(x):
             pipe._current_timestep = None
@@ -413,22 +413,7 @@ class LTX2Adapter(Adapter):
                 audio = audio_out
             else:
                 video_latents = video_latents.to(callback_embeds["prompt_embeds"].dtype)
-                if not vae.config.timestep_conditioning:
-                    timestep = None
-                else:
-                    # the same generator, in the same state on every rank, draws the decode noise as stock does
-                    noise = module.randn_tensor(video_latents.shape, generator=generator, device=device,
-                                                dtype=video_latents.dtype)
-                    dt, dns = decode_timestep, decode_noise_scale
-                    if not isinstance(dt, list):
-                        dt = [dt] * batch_size
-                    if dns is None:
-                        dns = dt
-                    elif not isinstance(dns, list):
-                        dns = [dns] * batch_size
-                    timestep = torch.tensor(dt, device=device, dtype=video_latents.dtype)
-                    dns = torch.tensor(dns, device=device, dtype=video_latents.dtype)[:, None, None, None, None]
-                    video_latents = (1 - dns) * video_latents + dns * noise
+                video_latents, timestep = decode_noise(module, vae, video_latents, a, batch_size, device)
                 video_latents = pipe._denormalize_latents(video_latents, vae.latents_mean, vae.latents_std,
                                                           vae.config.scaling_factor)
                 video = vae.decode(video_latents.to(vae.dtype), timestep, return_dict=False)[0]
@@ -452,5 +437,4 @@ class LTX2Adapter(Adapter):
             step_end=step_end,
             interrupted=lambda: pipe._interrupt,
             progress=self.progress,
-            state_tensors=state_tensors,
         )

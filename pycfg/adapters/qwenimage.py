@@ -1,47 +1,117 @@
-"""QwenImagePipeline (text to image): the stock ``__call__`` split into prepare / per-branch forward / finish.
+"""The Qwen-Image family: the stock ``__call__`` split into hooks that the family's pipelines share.
 
-Every step of the stock pipeline is reproduced with the pipeline's own helpers (``check_inputs``,
-``encode_prompt``, ``prepare_latents``, ``retrieve_timesteps``, ``calculate_shift``, ``_unpack_latents``) and
-the same arithmetic, so pycfg at any cfg_parallel_size returns the stock pipeline's bits.
+:class:`QwenImageAdapter` serves ``QwenImagePipeline`` (text to image) and is the base of every Qwen-Image
+variant. A request runs these hooks, in order, each filling fields of one :class:`QwenRequest`:
+
+1. :meth:`~QwenImageAdapter.check_inputs` (from ``check``): the pipeline's own ``check_inputs``;
+2. :meth:`~QwenImageAdapter.prepare_images`: input images (edit, img2img, inpaint: resize and preprocess);
+3. :meth:`~QwenImageAdapter.encode_texts`: ``encode_prompt`` for the prompt and, when a branch reads it, the
+   negative prompt, with :meth:`~QwenImageAdapter.prompt_kwargs` (edit pipelines add the image);
+4. :meth:`~QwenImageAdapter.prepare_latents_and_timesteps`: by default :meth:`prepare_latents` (noise; image
+   latents that the forward appends to the sequence, ``img_shapes``) then :meth:`prepare_timesteps` (sigmas,
+   ``mu``, ``retrieve_timesteps``); img2img reverses the order and truncates the schedule by ``strength``;
+5. the job: :meth:`branch_forward` per branch (image latents appended, output sliced back to the generated
+   tokens, :attr:`QwenRequest.forward_kwargs` passed on), the update, :meth:`after_update` (inpainting's blend),
+   the callbacks, and :meth:`decode` + :meth:`output` at the end.
+
+Every step reproduces the stock pipeline with its own helpers (``check_inputs``, ``encode_prompt``,
+``prepare_latents``, ``retrieve_timesteps``, ``calculate_shift``, ``_unpack_latents``) and arithmetic, so pycfg
+at any cfg_parallel_size returns the stock pipeline's bits.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
-from ..guidance.base import NEGATIVE
-from ..guidance.perturb import perturbed
+from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
-from ._common import batch_groups
-from .base import Adapter, check_output_type, own_tensor
+from ..steps import StepIndex
+from ._common import batch_groups, begin_call, branch_forward, default_size, prompt_batch_size, require_negative
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+
+#: text inputs of one source: (embeddings, mask or None)
+Text = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+@dataclass
+class QwenRequest:
+    """One request's state, filled in by the family's hooks in order (see the module docstring)."""
+
+    args: dict[str, Any]
+    policy: GuidancePolicy
+    device: torch.device
+    batch_size: int
+    height: int
+    width: int
+    #: the variant's preprocessed input image(s), as its hooks need them (None for text to image)
+    images: Any = None
+    #: text inputs by source ("prompt", "negative"), as the forwards read them (bucketed, never the caller's)
+    texts: dict[str, Text] = field(default_factory=dict)
+    #: the prompt's text as encoded: what callbacks are offered and may replace
+    prompt_text: Text | None = None
+    scheduler: Any = None
+    timesteps: torch.Tensor | None = None
+    #: packed latents (batch, tokens, channels) of the generated image
+    latents: torch.Tensor | None = None
+    #: packed latents appended to the sequence of every forward (edit pipelines' input images); the forward's
+    #: output is sliced back to the generated tokens
+    image_latents: torch.Tensor | None = None
+    #: the transformer's ``img_shapes`` for one batch of latents (+ image latents)
+    img_shapes: list | None = None
+    #: guidance-distilled models' embedded guidance (one value; expanded over the batch in ``guidance``)
+    guidance_value: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
+    #: extra transformer keyword arguments of the variant; tensors here are per sample (batch first) and are
+    #: repeated along the batch when branches share a batched forward
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: the variant's own tensors that forwards or ``after_update`` read (masks, noised image latents, ...):
+    #: graph inputs, so captured steps are replayed with each request's values
+    step_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class QwenImageAdapter(Adapter):
     pipeline_classes = ("QwenImagePipeline",)
-    #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device
-    graph_step_index = True
-    #: pad text inputs to a multiple of this many tokens (zeros, masked out): fewer compiled shapes, and
-    #: cond/uncond of different lengths can share one batched forward. None: exact lengths (stock behaviour).
-    text_bucket: int | None = None
-    graph_value_args = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "prompt_embeds_mask",
-                        "negative_prompt_embeds_mask", "latents", "generator", "true_cfg_scale", "guidance_scale",
-                        "output_type", "return_dict")
+    capabilities = AdapterCapabilities(
+        batchable=True,
+        graph_steps=True,
+        text_bucket=True,
+        graph_value_args=("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds",
+                          "prompt_embeds_mask", "negative_prompt_embeds_mask", "latents", "generator",
+                          "true_cfg_scale", "guidance_scale", "output_type", "return_dict"),
+    )
+
+    # -- check ----------------------------------------------------------------------------------------------------
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Bind and validate with the pipeline's own ``check_inputs``; no model runs here."""
-        pipe = self.pipe
         a = self.bind(kwargs)
-        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
-        pipe.check_inputs(
-            a["prompt"],
-            a["height"],
-            a["width"],
+        self.default_size(a)
+        self.check_inputs(a)
+        if not isinstance(a["num_inference_steps"], int) or a["num_inference_steps"] < 1:
+            if a.get("sigmas") is None:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {a['num_inference_steps']!r}")
+        check_output_type(a["output_type"])
+        return a
+
+    def default_size(self, a: dict[str, Any]) -> None:
+        """Fill ``height`` / ``width`` as the stock call does before its checks."""
+        default_size(self.pipe, a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        """The pipeline's own ``check_inputs`` with this pipeline's arguments."""
+        self.pipe.check_inputs(
+            a["prompt"], a["height"], a["width"], **self.text_check_kwargs(a),
+        )
+
+    @staticmethod
+    def text_check_kwargs(a: dict[str, Any]) -> dict[str, Any]:
+        """The text arguments every Qwen-Image ``check_inputs`` takes."""
+        return dict(
             negative_prompt=a["negative_prompt"],
             prompt_embeds=a["prompt_embeds"],
             negative_prompt_embeds=a["negative_prompt_embeds"],
@@ -50,226 +120,265 @@ class QwenImageAdapter(Adapter):
             callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
             max_sequence_length=a["max_sequence_length"],
         )
-        if not isinstance(a["num_inference_steps"], int) or a["num_inference_steps"] < 1:
-            if a["sigmas"] is None:
-                raise ValueError(f"num_inference_steps must be a positive integer, got {a['num_inference_steps']!r}")
-        check_output_type(a["output_type"])
-        return a
+
+    # -- guidance -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def has_negative(a: dict[str, Any]) -> bool:
+        return a["negative_prompt"] is not None or a["negative_prompt_embeds"] is not None
+
+    def renorm(self, a: dict[str, Any]) -> bool:
+        """Whether the stock combine renormalises to the cond's per-token norm (Layered makes it optional)."""
+        return True
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
-        has_negative = a["negative_prompt"] is not None or a["negative_prompt_embeds"] is not None
-        if a["true_cfg_scale"] > 1 and has_negative:
-            return CFG(a["true_cfg_scale"], renorm=True)
+        if a["true_cfg_scale"] > 1 and self.has_negative(a):
+            return CFG(a["true_cfg_scale"], renorm=self.renorm(a))
         return NoGuidance()
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        """Raise if ``policy`` cannot run on this pipeline's transformer (no model runs)."""
-        policy.check_model(self.pipe.transformer)
-        policy.check_outputs(1)
+    # -- prepare: the hooks, in the order they run ----------------------------------------------------------------
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
-        pipe, module = self.pipe, self.module
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a)
-        self.check_policy(policy)
-        specs = {name: policy.branch(name) for name in policy.branches}
-        needs_negative = any(spec.source == NEGATIVE for spec in specs.values())
-        if needs_negative and a["negative_prompt"] is None and a["negative_prompt_embeds"] is None:
-            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
-
-        # the pipeline's per-call attributes, as the stock __call__ sets them (callbacks read them)
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
-
-        prompt = a["prompt"]
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = a["prompt_embeds"].shape[0]
-        device = pipe._execution_device
-        n_per = a["num_images_per_prompt"]
-        max_len = a["max_sequence_length"]
-
-        prompt_embeds, prompt_embeds_mask = pipe.encode_prompt(
-            prompt=prompt,
-            prompt_embeds=a["prompt_embeds"],
-            prompt_embeds_mask=a["prompt_embeds_mask"],
-            device=device,
-            num_images_per_prompt=n_per,
-            max_sequence_length=max_len,
-        )
-        # text inputs by source: every branch reading the prompt sees a callback's prompt_embeds update
-        branch_text = {"prompt": (prompt_embeds, prompt_embeds_mask)}
-        if needs_negative:
-            branch_text[NEGATIVE] = pipe.encode_prompt(
-                prompt=a["negative_prompt"],
-                prompt_embeds=a["negative_prompt_embeds"],
-                prompt_embeds_mask=a["negative_prompt_embeds_mask"],
-                device=device,
-                num_images_per_prompt=n_per,
-                max_sequence_length=max_len,
-            )
-
-        height, width = a["height"], a["width"]
-        num_channels_latents = pipe.transformer.config.in_channels // 4
-        latents = pipe.prepare_latents(
-            batch_size * n_per,
-            num_channels_latents,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            a["generator"],
-            a["latents"],
-        )
-        latents = own_tensor(latents, a["latents"])
-        img_shapes = [[(1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)]] * batch_size
-
-        num_inference_steps = a["num_inference_steps"]
-        sigmas = a["sigmas"]
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
-        scheduler = self.private_scheduler()
-        mu = module.calculate_shift(
-            latents.shape[1],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, num_inference_steps = module.retrieve_timesteps(
-            scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
-        )
-        pipe._num_timesteps = len(timesteps)
-
-        transformer = pipe.transformer
-        guidance_scale = a["guidance_scale"]
-        if transformer.config.guidance_embeds and guidance_scale is None:
-            raise ValueError("guidance_scale is required for guidance-distilled model.")
-        elif transformer.config.guidance_embeds:
-            guidance_value = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-            guidance = guidance_value.expand(latents.shape[0])
-        else:
-            guidance_value = guidance = None
+        pipe = self.pipe
+        policy = self.request_policy(a, policy)
+        require_negative(policy, self.has_negative(a))
+        begin_call(pipe, guidance_scale=a["guidance_scale"], attention_kwargs=a["attention_kwargs"])
+        req = QwenRequest(args=a, policy=policy, device=pipe._execution_device,
+                          batch_size=prompt_batch_size(a["prompt"], a["prompt_embeds"]),
+                          height=a["height"], width=a["width"])
+        self.prepare_images(req)
+        self.encode_texts(req, self.needs_negative(policy))
+        req.scheduler = self.private_scheduler()
+        self.prepare_latents_and_timesteps(req)
+        pipe._num_timesteps = len(req.timesteps)
+        self.prepare_guidance_embeds(req)
         if pipe._attention_kwargs is None:
             pipe._attention_kwargs = {}
-        attention_kwargs = pipe._attention_kwargs
-        scheduler.set_begin_index(0)
-        policy.set_timesteps([t.item() for t in timesteps])
-        bucket = getattr(self, "text_bucket", None)
-        # the prompt as encoded: what callbacks are offered and replace, as in the stock loop
-        prompt_text = branch_text["prompt"]
-        if bucket:
-            branch_text = {k: _pad_text(e, m, bucket) for k, (e, m) in branch_text.items()}
+        req.scheduler.set_begin_index(0)
+        policy.set_timesteps([t.item() for t in req.timesteps])
+        req.prompt_text = req.texts[PROMPT]
+        if self.text_bucket:
+            req.texts = {k: _pad_text(e, m, self.text_bucket) for k, (e, m) in req.texts.items()}
         # a captured step's text buffers are written by later requests: never the caller's tensors
-        branch_text = {k: (own_tensor(e, a), own_tensor(m, a)) for k, (e, m) in branch_text.items()}
+        req.texts = {k: (own_tensor(e, a), own_tensor(m, a)) for k, (e, m) in req.texts.items()}
+        return self.make_job(req)
 
-        def run(names: tuple[str, ...], x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
-            """One transformer forward for ``names`` (one branch, or same-shape branches stacked on batch)."""
-            spec = specs[names[0]]
-            texts = [branch_text[specs[n].source] for n in names]
-            if len(names) == 1:
-                embeds, mask = texts[0]
-                xs, shapes = x, img_shapes
-            else:
-                embeds = torch.cat([e for e, _ in texts])
-                masks = [m for _, m in texts]
-                mask = None if any(m is None for m in masks) else torch.cat(masks)
-                xs, shapes = torch.cat([x] * len(names)), img_shapes * len(names)
-            timestep = t.expand(xs.shape[0]).to(xs.dtype)
-            extra = spec.perturbation.forward_kwargs() if spec.perturbation is not None else {}
-            with transformer.cache_context("+".join(names)), perturbed(transformer, spec.perturbation):
-                out = transformer(
-                    hidden_states=xs,
-                    timestep=timestep / 1000,
-                    guidance=guidance if guidance is None or len(names) == 1 else guidance.repeat(len(names)),
-                    encoder_hidden_states_mask=mask,
-                    encoder_hidden_states=embeds,
-                    img_shapes=shapes,
-                    attention_kwargs=attention_kwargs,
-                    return_dict=False,
-                    **extra,
-                )[0]
-            return [out] if len(names) == 1 else list(out.chunk(len(names)))
+    def prepare_images(self, req: QwenRequest) -> None:
+        """Preprocess the variant's input image(s) into ``req.images`` (text to image: none)."""
 
-        def batch_key(name: str):
-            # branches batch together when their forwards differ only in same-shape text inputs
-            spec = specs[name]
-            embeds, mask = branch_text[spec.source]
-            return (spec.perturbation, tuple(embeds.shape), mask is None)
+    def prompt_kwargs(self, req: QwenRequest) -> dict[str, Any]:
+        """Extra ``encode_prompt`` arguments (edit pipelines pass the input image)."""
+        return {}
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            # a tensor step index (CUDA graph replays) selects on device: no host value is baked in
-            t = timesteps[i] if isinstance(i, int) else timesteps.index_select(0, i)[0]
+    def encode_texts(self, req: QwenRequest, needs_negative: bool) -> None:
+        """``req.texts``: the pipeline's own ``encode_prompt`` for the prompt and, if a branch reads it, the
+        negative prompt."""
+        a = req.args
+        common = dict(device=req.device, num_images_per_prompt=a["num_images_per_prompt"],
+                      max_sequence_length=a["max_sequence_length"], **self.prompt_kwargs(req))
+        req.texts[PROMPT] = self.pipe.encode_prompt(prompt=a["prompt"], prompt_embeds=a["prompt_embeds"],
+                                                    prompt_embeds_mask=a["prompt_embeds_mask"], **common)
+        if needs_negative:
+            req.texts[NEGATIVE] = self.pipe.encode_prompt(
+                prompt=a["negative_prompt"], prompt_embeds=a["negative_prompt_embeds"],
+                prompt_embeds_mask=a["negative_prompt_embeds_mask"], **common)
+
+    def prepare_latents_and_timesteps(self, req: QwenRequest) -> None:
+        """Latents, then the schedule (``mu`` depends on the latents' length); img2img reverses the order."""
+        self.prepare_latents(req)
+        self.prepare_timesteps(req)
+
+    def latent_channels(self) -> int:
+        return self.pipe.transformer.config.in_channels // 4
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """One ``img_shapes`` entry: the packed token grid of an image of this size."""
+        scale = self.pipe.vae_scale_factor
+        return (1, height // scale // 2, width // scale // 2)
+
+    def prepare_latents(self, req: QwenRequest) -> None:
+        """``req.latents`` from the pipeline's ``prepare_latents`` (the caller's latents copied, never written),
+        and ``req.img_shapes``."""
+        a = req.args
+        latents = self.pipe.prepare_latents(req.batch_size * a["num_images_per_prompt"], self.latent_channels(),
+                                            req.height, req.width, req.texts[PROMPT][0].dtype, req.device,
+                                            a["generator"], a["latents"])
+        req.latents = own_tensor(latents, a["latents"])
+        req.img_shapes = [[self.latent_grid(req.height, req.width)]] * req.batch_size
+
+    def sigmas(self, req: QwenRequest):
+        steps = req.args["num_inference_steps"]
+        sigmas = req.args["sigmas"]
+        return np.linspace(1.0, 1 / steps, steps) if sigmas is None else sigmas
+
+    def image_seq_len(self, req: QwenRequest) -> int:
+        return req.latents.shape[1]
+
+    def mu(self, req: QwenRequest) -> float:
+        config = req.scheduler.config
+        return self.module.calculate_shift(
+            self.image_seq_len(req),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+
+    def prepare_timesteps(self, req: QwenRequest) -> None:
+        """``req.timesteps`` from the pipeline's ``retrieve_timesteps`` on the request's private scheduler."""
+        req.timesteps, _ = self.module.retrieve_timesteps(req.scheduler, req.args["num_inference_steps"], req.device,
+                                                          sigmas=self.sigmas(req), mu=self.mu(req))
+
+    def prepare_guidance_embeds(self, req: QwenRequest) -> None:
+        """Guidance-distilled transformers take the guidance scale as an input."""
+        scale = req.args["guidance_scale"]
+        if not self.pipe.transformer.config.guidance_embeds:
+            return
+        if scale is None:
+            raise ValueError("guidance_scale is required for guidance-distilled model.")
+        req.guidance_value = torch.full([1], scale, device=req.device, dtype=torch.float32)
+        req.guidance = req.guidance_value.expand(req.latents.shape[0])
+
+    # -- the steps ------------------------------------------------------------------------------------------------
+
+    def model_input(self, req: QwenRequest, x: torch.Tensor) -> torch.Tensor:
+        """What the transformer reads for latents ``x``: the image latents appended along the sequence."""
+        return x if req.image_latents is None else torch.cat([x, req.image_latents], dim=1)
+
+    def model_output(self, req: QwenRequest, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The prediction for the generated tokens only."""
+        return out if req.image_latents is None else out[:, : x.size(1)]
+
+    def branch_forward(self, req: QwenRequest, names: tuple[str, ...], x: torch.Tensor,
+                       t: torch.Tensor) -> list[torch.Tensor]:
+        """One transformer forward for ``names`` (one branch, or same-shape branches stacked on the batch)."""
+        transformer, n = self.pipe.transformer, len(names)
+        spec = req.policy.branch(names[0])
+        texts = [req.texts[req.policy.branch(name).source] for name in names]
+        xin = self.model_input(req, x)
+        kwargs = dict(req.forward_kwargs)
+        if n == 1:
+            (embeds, mask), shapes, guidance = texts[0], req.img_shapes, req.guidance
+        else:
+            embeds = torch.cat([e for e, _ in texts])
+            masks = [m for _, m in texts]
+            mask = None if any(m is None for m in masks) else torch.cat(masks)
+            xin, shapes = torch.cat([xin] * n), req.img_shapes * n
+            guidance = req.guidance.repeat(n) if req.guidance is not None else None
+            kwargs = {k: torch.cat([v] * n) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        timestep = t.expand(xin.shape[0]).to(xin.dtype)
+        with branch_forward(transformer, "+".join(names), spec) as extra:
+            out = transformer(
+                hidden_states=xin,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                encoder_hidden_states_mask=mask,
+                encoder_hidden_states=embeds,
+                img_shapes=shapes,
+                attention_kwargs=self.pipe._attention_kwargs,
+                return_dict=False,
+                **kwargs,
+                **extra,
+            )[0]
+        outs = [out] if n == 1 else list(out.chunk(n))
+        return [self.model_output(req, o, x) for o in outs]
+
+    def batch_key(self, req: QwenRequest, name: str):
+        """Branches batch together when their forwards differ only in same-shape text inputs."""
+        spec = req.policy.branch(name)
+        embeds, mask = req.texts[spec.source]
+        return (spec.perturbation, tuple(embeds.shape), mask is None)
+
+    def after_update(self, req: QwenRequest) -> Callable[[StepIndex, torch.Tensor], torch.Tensor] | None:
+        """A per-step function run after the solver update, inside the step (inpainting's blend); None here."""
+        return None
+
+    def callback_values(self, req: QwenRequest, x: torch.Tensor) -> dict[str, Any]:
+        """The tensors the stock loop offers a step-end callback."""
+        return {"latents": x, "prompt_embeds": req.prompt_text[0]}
+
+    def apply_callback(self, req: QwenRequest, outputs: dict[str, Any]) -> None:
+        """Take back what a callback returned besides the latents (a new prompt embedding)."""
+        if "prompt_embeds" in outputs:
+            req.prompt_text = (outputs.pop("prompt_embeds"), req.prompt_text[1])
+            text = req.prompt_text
+            req.texts[PROMPT] = _pad_text(*text, self.text_bucket) if self.text_bucket else text
+
+    def decode(self, req: QwenRequest, x: torch.Tensor):
+        """Latents to the output images (unpack, de-normalise, VAE decode, postprocess), as stock."""
+        pipe, output_type = self.pipe, req.args["output_type"]
+        if output_type == "latent":
+            return x
+        x = pipe._unpack_latents(x, req.height, req.width, pipe.vae_scale_factor)
+        x = x.to(pipe.vae.dtype)
+        z_dim = pipe.vae.config.z_dim
+        latents_mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+        latents_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+        x = x / latents_std + latents_mean
+        image = pipe.vae.decode(x, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    def output(self, req: QwenRequest, images):
+        if not req.args["return_dict"]:
+            return (images,)
+        return self.module.QwenImagePipelineOutput(images=images)
+
+    def graph_inputs(self, req: QwenRequest) -> dict[str, torch.Tensor]:
+        """Every request tensor the steps read (the captured steps' inputs)."""
+        tensors = {"timesteps": req.timesteps}
+        for source, (embeds, mask) in req.texts.items():
+            tensors[f"{source}_embeds"] = embeds
+            if mask is not None:
+                tensors[f"{source}_mask"] = mask
+        if req.guidance_value is not None:
+            tensors["guidance"] = req.guidance_value
+        if req.image_latents is not None:
+            tensors["image_latents"] = req.image_latents
+        tensors.update({k: v for k, v in req.forward_kwargs.items() if isinstance(v, torch.Tensor)})
+        tensors.update(req.step_tensors)
+        return tensors
+
+    def make_job(self, req: QwenRequest) -> Job:
+        pipe = self.pipe
+        timesteps = req.timesteps
+
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            t = step.select(timesteps)
             pipe._current_timestep = t
-            # read per call: batch_branches="auto" is decided by measurement after prepare()
-            batch = getattr(self, "batch_branches", False) is True
             preds: dict[str, torch.Tensor] = {}
-            for group in batch_groups(names, batch, batch_key):
-                preds.update(zip(group, run(tuple(group), x, t)))
+            for group in batch_groups(names, batched, lambda name: self.batch_key(req, name)):
+                preds.update(zip(group, self.branch_forward(req, tuple(group), x, t)))
             return [preds[name] for name in names]
 
-        callback = a["callback_on_step_end"]
-        callback_inputs = a["callback_on_step_end_tensor_inputs"]
+        callback = req.args["callback_on_step_end"]
+        callback_inputs = req.args["callback_on_step_end_tensor_inputs"]
 
         def step_end(i: int, x: torch.Tensor) -> torch.Tensor:
-            if callback is None:
-                return x
-            nonlocal prompt_text
-            values = {"latents": x, "prompt_embeds": prompt_text[0]}
-            outputs = callback(pipe, i, timesteps[i], {k: values[k] for k in callback_inputs})
+            offered = self.callback_values(req, x)
+            outputs = callback(pipe, i, timesteps[i], {k: offered[k] for k in callback_inputs})
             x = outputs.pop("latents", x)
-            if "prompt_embeds" in outputs:
-                prompt_text = (outputs.pop("prompt_embeds"), prompt_text[1])
-                branch_text["prompt"] = _pad_text(*prompt_text, bucket) if bucket else prompt_text
+            self.apply_callback(req, outputs)
             return x
-
-        output_type, return_dict = a["output_type"], a["return_dict"]
 
         def finish(x: torch.Tensor):
             pipe._current_timestep = None
-            if output_type == "latent":
-                image = x
-            else:
-                x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
-                x = x.to(pipe.vae.dtype)
-                z_dim = pipe.vae.config.z_dim
-                latents_mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
-                latents_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
-                    x.device, x.dtype
-                )
-                x = x / latents_std + latents_mean
-                image = pipe.vae.decode(x, return_dict=False)[0][:, :, 0]
-                image = pipe.image_processor.postprocess(image, output_type=output_type)
+            images = self.decode(req, x)
             pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (image,)
-            return module.QwenImagePipelineOutput(images=image)
+            return self.output(req, images)
 
-        def graph_inputs() -> dict[str, torch.Tensor]:
-            tensors = {"timesteps": timesteps}
-            for source, (embeds, mask) in branch_text.items():
-                tensors[f"{source}_embeds"] = embeds
-                if mask is not None:
-                    tensors[f"{source}_mask"] = mask
-            if guidance_value is not None:
-                tensors["guidance"] = guidance_value
-            return tensors
-
-        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
-            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
+            latents=req.latents, timesteps=timesteps, policy=req.policy, forward=forward,
+            update=self.make_update(req.scheduler, timesteps, generator=req.args["generator"]),
             finish=finish,
             # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
             step_end=step_end if callback is not None else None,
-            prediction_dtype=transformer.dtype,
-            graph_inputs=graph_inputs,
+            after_update=self.after_update(req),
+            prediction_dtype=pipe.transformer.dtype,
+            graph_inputs=lambda: self.graph_inputs(req),
         )
 
 
-def _pad_text(embeds: torch.Tensor, mask: torch.Tensor | None, bucket: int):
+def _pad_text(embeds: torch.Tensor, mask: torch.Tensor | None, bucket: int) -> Text:
     """Zero-pad the text to a multiple of ``bucket`` tokens with the padding masked out.
 
     The transformer builds its joint attention mask from ``encoder_hidden_states_mask`` and gives text tokens

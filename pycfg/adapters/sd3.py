@@ -10,7 +10,6 @@ pipeline's own step window.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -19,17 +18,20 @@ from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import COND, NEGATIVE, PROMPT, UNCOND, Branch, Prediction, weighted_sum_fp32
 from ..guidance.perturb import ForwardKwargs
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
     batch_groups,
+    batched_text_callbacks,
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    default_size,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    require_negative,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
 
 
 class SD3Guidance(GuidancePolicy):
@@ -98,18 +100,19 @@ class SD3Guidance(GuidancePolicy):
 
 class StableDiffusion3Adapter(Adapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
-    #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device
-    graph_step_index = True
-    graph_value_args = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3",
-                        "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                        "negative_pooled_prompt_embeds", "latents", "generator", "guidance_scale", "output_type",
-                        "return_dict")
+    capabilities = AdapterCapabilities(
+        batchable=True,
+        graph_steps=True,
+        graph_value_args=("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2",
+                          "negative_prompt_3", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                          "negative_pooled_prompt_embeds", "latents", "generator", "guidance_scale", "output_type",
+                          "return_dict"),
+    )
 
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         pipe = self.pipe
         a = self.bind(kwargs)
-        a["height"] = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        a["width"] = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        default_size(pipe, a)
         a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
             a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
         )
@@ -134,19 +137,24 @@ class StableDiffusion3Adapter(Adapter):
         check_output_type(a["output_type"])
         return a
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        if a["guidance_scale"] <= 1:
+            return NoGuidance()
+        if a["skip_guidance_layers"] is None:
+            # stock's combine is plain CFG's, u + w (c - u): the policy the fused kernel and step graphs take
+            return CFG(a["guidance_scale"])
+        # its step window counts the request's steps (set at reset, from the job)
+        return SD3Guidance(a["guidance_scale"], a["skip_guidance_layers"], a["skip_layer_guidance_scale"],
+                           a["skip_layer_guidance_start"], a["skip_layer_guidance_stop"])
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
-        default_cfg = a["guidance_scale"] > 1
-        needs_negative = reads_negative(branch_specs(policy)) if policy is not None else default_cfg
-
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._skip_layer_guidance_scale = a["skip_layer_guidance_scale"]
-        pipe._clip_skip = a["clip_skip"]
-        pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
-        pipe._interrupt = False
+        # stock encodes a negative iff guidance_scale > 1; a user policy decides by its branches
+        needs_negative = self.needs_negative(policy) if policy is not None else a["guidance_scale"] > 1
+        policy = self.request_policy(a, policy)
+        require_negative(policy, needs_negative, "a negative prompt or negative embeds")
+        begin_call(pipe, guidance_scale=a["guidance_scale"], skip_layer_guidance_scale=a["skip_layer_guidance_scale"],
+                   clip_skip=a["clip_skip"], joint_attention_kwargs=a["joint_attention_kwargs"])
 
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         device = pipe._execution_device
@@ -204,34 +212,15 @@ class StableDiffusion3Adapter(Adapter):
             scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **scheduler_kwargs
         )
         pipe._num_timesteps = len(timesteps)
-
-        if policy is not None:
-            policy = copy.deepcopy(policy)
-        elif default_cfg and a["skip_guidance_layers"] is None:
-            # stock's combine is plain CFG's, u + w (c - u): the policy the fused kernel and step graphs take
-            policy = CFG(a["guidance_scale"])
-        elif default_cfg:
-            policy = SD3Guidance(a["guidance_scale"], a["skip_guidance_layers"], a["skip_layer_guidance_scale"],
-                                 a["skip_layer_guidance_start"], a["skip_layer_guidance_stop"], n_steps)
-        else:
-            policy = NoGuidance()
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        if reads_negative(specs) and not needs_negative:
-            raise ValueError(f"guidance {policy.describe()} needs a negative prompt or negative embeds")
-
         transformer = pipe.transformer
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            # a tensor step index (CUDA graph replays) selects on device: no host value is baked in
-            t = timesteps[i] if isinstance(i, int) else timesteps.index_select(0, i)[0]
-            # read per call: batch_branches="auto" is decided by measurement after prepare()
-            batch = getattr(self, "batch_branches", False) is True
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            t = step.select(timesteps)
             preds: dict[str, torch.Tensor] = {}
-            for group in batch_groups(names, batch, batch_key):
+            for group in batch_groups(names, batched, batch_key):
                 # stock's batch order, cat([neg, pos]): a batched cond + uncond forward is stock's own
-                group = sorted(group, key=lambda m: specs[m].source != NEGATIVE)
-                n, spec = len(group), specs[group[0]]
+                group = sorted(group, key=lambda m: policy.branch(m).source != NEGATIVE)
+                n, spec = len(group), policy.branch(group[0])
                 texts = [branch_text(m) for m in group]
                 hidden = x if n == 1 else torch.cat([x] * n)
                 with branch_forward(transformer, "+".join(group), spec, cache=False) as extra:
@@ -248,56 +237,29 @@ class StableDiffusion3Adapter(Adapter):
             return [preds[name] for name in names]
 
         def branch_text(name: str):
-            spec = specs[name]
+            spec = policy.branch(name)
             return original if spec.perturbation is not None else text[spec.source]
 
         def batch_key(name: str):
             # branches batch together when their forwards differ only in same-shape text inputs
             embeds, pooled = branch_text(name)
-            return (specs[name].perturbation, tuple(embeds.shape), tuple(pooled.shape))
+            return (policy.branch(name).perturbation, tuple(embeds.shape), tuple(pooled.shape))
 
-        cfg_request = needs_negative
+        offered, apply = batched_text_callbacks(text, {"prompt_embeds": 0, "pooled_prompt_embeds": 1},
+                                                cfg=needs_negative)
 
-        def offered(x):
-            # the stock loop's locals: with CFG, prompt embeds are the batched cat([neg, pos])
-            values = {"latents": x, "prompt_embeds": text[PROMPT][0], "pooled_prompt_embeds": text[PROMPT][1]}
-            if cfg_request:
-                values["prompt_embeds"] = torch.cat([text[NEGATIVE][0], text[PROMPT][0]], dim=0)
-                values["pooled_prompt_embeds"] = torch.cat([text[NEGATIVE][1], text[PROMPT][1]], dim=0)
-            return values
-
-        def apply(outputs):
-            for j, key in enumerate(("prompt_embeds", "pooled_prompt_embeds")):
-                if key in outputs:
-                    value = outputs.pop(key)
-                    if cfg_request:
-                        text[NEGATIVE][j], text[PROMPT][j] = value.chunk(2)
-                    else:
-                        text[PROMPT][j] = value
-
-        step_end = make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
-                                 offered, apply)
-        output_type, return_dict = a["output_type"], a["return_dict"]
-
-        def finish(x: torch.Tensor):
-            if output_type == "latent":
-                image = x
-            else:
-                x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-                image = pipe.vae.decode(x, return_dict=False)[0]
-                image = pipe.image_processor.postprocess(image, output_type=output_type)
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (image,)
-            return module.StableDiffusion3PipelineOutput(images=image)
+        def decode(x: torch.Tensor, output_type: str):
+            x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(x, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type=output_type)
 
         policy.set_timesteps([t.item() for t in timesteps])
-        stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
-            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
-            finish=finish,
-            # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
-            step_end=step_end if a["callback_on_step_end"] is not None else None,
+            latents=latents, timesteps=timesteps, policy=policy, forward=forward,
+            update=self.make_update(scheduler, timesteps, generator=a["generator"]),
+            finish=make_finish(pipe, a, decode, module.StableDiffusion3PipelineOutput, "images"),
+            step_end=make_step_end(pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"],
+                                   timesteps, offered, apply),
             prediction_dtype=transformer.dtype,
             graph_inputs=lambda: {"timesteps": timesteps, **{
                 f"{source}_{part}": t for source, pair in text.items() for part, t in zip(("embeds", "pooled"), pair)

@@ -15,7 +15,6 @@ A request runs these hooks, each filling fields of one :class:`WanRequest`: :met
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,18 +23,22 @@ import torch
 from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
     StepScaledCFG,
     batch_groups,
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    make_finish,
     make_step_end,
     prompt_batch_size,
-    reads_negative,
+    require_negative,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+
+WAN_VALUE_ARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
+                  "guidance_scale", "guidance_scale_2", "output_type", "return_dict")
 
 
 @dataclass
@@ -67,11 +70,14 @@ class WanRequest:
 
 class WanAdapter(Adapter):
     pipeline_classes = ("WanPipeline",)
-    #: forward() accepts the step as a 1-element device tensor, so a captured step reads its timestep on device.
-    #: A run whose expert changes mid-way is never captured: a graph would replay one expert at every step.
-    graph_step_index = True
-    graph_value_args = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
-                        "guidance_scale", "guidance_scale_2", "output_type", "return_dict")
+    #: a run whose expert changes mid-way is never captured (its job says why): a captured step would replay one
+    #: expert at every step
+    capabilities = AdapterCapabilities(
+        batchable=True,
+        graph_steps=True,
+        transformer_modules=("transformer", "transformer_2"),
+        graph_value_args=WAN_VALUE_ARGS,
+    )
 
     # -- check ----------------------------------------------------------------------------------------------------
 
@@ -90,8 +96,30 @@ class WanAdapter(Adapter):
                                a["negative_prompt_embeds"], a["callback_on_step_end_tensor_inputs"],
                                a["guidance_scale_2"])
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, *self._experts())
+    def boundary_timestep(self) -> float | None:
+        """Wan 2.2: the timestep below which ``transformer_2`` denoises; None for one expert."""
+        ratio = self.pipe.config.boundary_ratio
+        return None if ratio is None else ratio * self.pipe.scheduler.config.num_train_timesteps
+
+    def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
+        # the stock loop: CFG iff guidance_scale > 1 (the property), whatever guidance_scale_2 is
+        if a["guidance_scale"] <= 1.0:
+            return NoGuidance()
+        if self.boundary_timestep() is None:
+            # one expert, one scale: stock's combine is plain CFG's, which the fused kernel and step graphs take
+            return CFG(a["guidance_scale"])
+        # the scale follows the expert, step by step, as stock decides it
+        scale, scale_2 = a["guidance_scale"], a["guidance_scale_2"]
+        scale_2 = scale if scale_2 is None else scale_2
+        return StepScaledCFG([scale if first else scale_2 for first in self.first_expert(a["num_inference_steps"])])
+
+    def first_expert(self, num_inference_steps: int, device=None) -> list[bool]:
+        """Per step, whether ``transformer`` (not ``transformer_2``) denoises it: stock's comparison of the
+        scheduler's timesteps with the boundary."""
+        scheduler = self.private_scheduler()
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        boundary = self.boundary_timestep()
+        return [bool(boundary is None or t >= boundary) for t in scheduler.timesteps]
 
     def _experts(self):
         pipe = self.pipe
@@ -147,7 +175,7 @@ class WanAdapter(Adapter):
         """The latents the pipeline returns or decodes, from the last step's."""
         return x
 
-    def decode(self, req: WanRequest, x: torch.Tensor):
+    def decode(self, req: WanRequest, x: torch.Tensor, output_type: str):
         pipe = self.pipe
         vae = pipe.vae
         x = x.to(self.module.get_module_execution_device(vae), dtype=vae.dtype)
@@ -156,7 +184,7 @@ class WanAdapter(Adapter):
         latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
         x = x / latents_std + latents_mean
         video = vae.decode(x, return_dict=False)[0]
-        return pipe.video_processor.postprocess_video(video, output_type=req.args["output_type"])
+        return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
     # -- the job --------------------------------------------------------------------------------------------------
 
@@ -168,17 +196,12 @@ class WanAdapter(Adapter):
         guidance_scale, guidance_scale_2 = a["guidance_scale"], a["guidance_scale_2"]
         if pipe.config.boundary_ratio is not None and guidance_scale_2 is None:
             guidance_scale_2 = guidance_scale
-        pipe._guidance_scale = guidance_scale
-        pipe._guidance_scale_2 = guidance_scale_2
-        pipe._attention_kwargs = a["attention_kwargs"]
-        pipe._current_timestep = None
-        pipe._interrupt = False
+        begin_call(pipe, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                   attention_kwargs=a["attention_kwargs"])
         device = pipe._execution_device
 
-        # the stock loop: CFG iff guidance_scale > 1 (the property), whatever guidance_scale_2 is
-        default_cfg = guidance_scale > 1.0
-        needs_negative = reads_negative(branch_specs(policy)) if policy is not None else default_cfg
-
+        needs_negative = self.needs_negative(policy) if policy is not None else guidance_scale > 1.0
+        policy = self.request_policy(a, policy)
         prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
             prompt=a["prompt"],
             negative_prompt=a["negative_prompt"],
@@ -197,6 +220,7 @@ class WanAdapter(Adapter):
         text = {PROMPT: own_tensor(prompt_embeds.to(dtype), a)}
         if negative_prompt_embeds is not None:
             text[NEGATIVE] = own_tensor(negative_prompt_embeds.to(dtype), a)
+        require_negative(policy, NEGATIVE in text)
 
         scheduler = req.scheduler = self.private_scheduler()
         scheduler.set_timesteps(a["num_inference_steps"], device=device)
@@ -205,48 +229,23 @@ class WanAdapter(Adapter):
         pipe._num_timesteps = len(timesteps)
         scheduler.set_begin_index(0)
 
-        if pipe.config.boundary_ratio is not None:
-            boundary_timestep = pipe.config.boundary_ratio * scheduler.config.num_train_timesteps
-        else:
-            boundary_timestep = None
+        boundary_timestep = self.boundary_timestep()
         first_expert = [bool(boundary_timestep is None or t >= boundary_timestep) for t in timesteps]
-
-        if policy is not None:
-            policy = copy.deepcopy(policy)
-        elif default_cfg and boundary_timestep is None:
-            # one expert, one scale: stock's combine is plain CFG's, which the fused kernel and step graphs take
-            policy = CFG(guidance_scale)
-        elif default_cfg:
-            policy = StepScaledCFG([guidance_scale if first else guidance_scale_2 for first in first_expert])
-        else:
-            policy = NoGuidance()
-        self.check_policy(policy)
-        specs = branch_specs(policy)
-        if reads_negative(specs) and NEGATIVE not in text:
-            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
 
         attention_kwargs = a["attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            if isinstance(i, int):
-                t = timesteps[i]
-                model = transformer if first_expert[i] else transformer_2
-                cache_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]),
-                                "num_inference_steps": len(timesteps)}
-            else:
-                # a replayed step: no host value of the step may be baked in, and only single-expert runs
-                # get here (see not_graphable below)
-                t = timesteps.index_select(0, i)[0]
-                model = transformer if first_expert[0] else transformer_2
-                cache_kwargs = {"num_inference_steps": len(timesteps)}
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            # the expert is a host choice: runs that switch experts are never captured (not_graphable below)
+            t = step.select(timesteps)
+            model = transformer if first_expert[step.i] else transformer_2
             pipe._current_timestep = t
-            # read per call: batch_branches="auto" is decided by measurement after prepare()
-            batch = getattr(self, "batch_branches", False) is True
+            cache_kwargs = {"step_index": step.i, "sigma": float(scheduler.sigmas[step.i]),
+                            "num_inference_steps": len(timesteps)}
             preds: dict[str, torch.Tensor] = {}
-            for group in batch_groups(names, batch, batch_key):
-                n, spec = len(group), specs[group[0]]
+            for group in batch_groups(names, batched, batch_key):
+                n, spec = len(group), policy.branch(group[0])
                 hidden, timestep = self.model_input(req, x if n == 1 else torch.cat([x] * n), t)
-                embeds = text[spec.source] if n == 1 else torch.cat([text[specs[m].source] for m in group])
+                embeds = text[spec.source] if n == 1 else torch.cat([text[policy.branch(m).source] for m in group])
                 per_sample = {k: v if n == 1 or v is None else torch.cat([v] * n)
                               for k, v in req.forward_kwargs.items()}
                 with branch_forward(model, "+".join(group), spec, **cache_kwargs) as extra:
@@ -265,7 +264,7 @@ class WanAdapter(Adapter):
 
         def batch_key(name: str):
             # branches batch together when their forwards differ only in same-shape text inputs
-            spec = specs[name]
+            spec = policy.branch(name)
             return (spec.perturbation, tuple(text[spec.source].shape))
 
         def apply(outputs):
@@ -280,17 +279,12 @@ class WanAdapter(Adapter):
             apply,
         )
 
-        def finish(x: torch.Tensor):
-            pipe._current_timestep = None
-            x = self.final_latents(req, x)
-            video = x if a["output_type"] == "latent" else self.decode(req, x)
-            pipe.maybe_free_model_hooks()
-            if not a["return_dict"]:
-                return (video,)
-            return self.module.WanPipelineOutput(frames=video)
+        finish = make_finish(pipe, a, lambda x, output_type: self.decode(req, x, output_type),
+                             self.module.WanPipelineOutput, "frames")
 
         def graph_inputs() -> dict[str, torch.Tensor]:
-            conditioning = {k: v for k, v in req.forward_kwargs.items() if isinstance(v, torch.Tensor)}
+            conditioning = {k: v for k, v in {**req.forward_kwargs, **req.shared_kwargs}.items()
+                            if isinstance(v, torch.Tensor)}
             if req.condition is not None:
                 conditioning["condition"] = req.condition
             return {"timesteps": timesteps, **{f"{k}_embeds": v for k, v in text.items()}, **conditioning}
@@ -300,9 +294,8 @@ class WanAdapter(Adapter):
         model = transformer if transformer is not None else transformer_2
         return self.denoise_job(
             latents=req.latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
-            finish=finish,
-            # no callback: nothing runs between steps, so whole steps can be captured as CUDA graphs
-            step_end=step_end if a["callback_on_step_end"] is not None else None,
+            finish=lambda x: finish(self.final_latents(req, x)),
+            step_end=step_end,
             prediction_dtype=model.dtype,
             not_graphable=None if len(set(first_expert)) <= 1 else
             "the two experts switch mid-run: one captured step would replay one expert at every step",

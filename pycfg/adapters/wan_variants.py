@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .base import own_tensor
-from .wan import WanAdapter, WanRequest
+from .base import AdapterCapabilities, own_tensor
+from .wan import WAN_VALUE_ARGS, WanAdapter, WanRequest
 
 
 def repeat_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -27,7 +27,9 @@ def repeat_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 class WanImageToVideoAdapter(WanAdapter):
     pipeline_classes = ("WanImageToVideoPipeline",)
-    graph_value_args = WanAdapter.graph_value_args + ("image", "last_image", "image_embeds")
+    capabilities = AdapterCapabilities(batchable=True, graph_steps=True,
+                                       transformer_modules=("transformer", "transformer_2"),
+                                       graph_value_args=WAN_VALUE_ARGS + ("image", "last_image", "image_embeds"))
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["negative_prompt"], a["image"], a["height"], a["width"],
@@ -74,7 +76,10 @@ class WanImageToVideoAdapter(WanAdapter):
 
 class WanVACEAdapter(WanAdapter):
     pipeline_classes = ("WanVACEPipeline",)
-    graph_value_args = WanAdapter.graph_value_args + ("video", "mask", "reference_images", "conditioning_scale")
+    capabilities = AdapterCapabilities(batchable=True, graph_steps=True,
+                                       transformer_modules=("transformer", "transformer_2"),
+                                       graph_value_args=WAN_VALUE_ARGS + ("video", "mask", "reference_images",
+                                                                          "conditioning_scale"))
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["negative_prompt"], a["height"], a["width"], a["prompt_embeds"],
@@ -128,5 +133,5 @@ class WanVACEAdapter(WanAdapter):
     def model_input(self, req: WanRequest, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.to(req.transformer_dtype), t.expand(x.shape[0])
 
-    def decode(self, req: WanRequest, x: torch.Tensor):
-        return super().decode(req, x[:, :, req.reference_frames:])
+    def decode(self, req: WanRequest, x: torch.Tensor, output_type: str):
+        return super().decode(req, x[:, :, req.reference_frames:], output_type)

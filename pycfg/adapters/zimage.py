@@ -16,25 +16,25 @@ Separate forwards pad each branch's texts on their own, so they match stock's ba
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
 
 from ..guidance import CFG, GuidancePolicy, NoGuidance
-from ..guidance.base import NEGATIVE, PROMPT, Prediction
+from ..guidance.base import NEGATIVE, PROMPT, KernelGuidance, Prediction
 from ..runtime.job import Job
+from ..steps import StepIndex
 from ._common import (
     batch_groups,
+    begin_call,
     branch_forward,
-    branch_specs,
     callback_tensor_inputs,
-    check_policy_on,
+    make_finish,
     make_step_end,
-    reads_negative,
+    require_negative,
 )
 from ._pipeline_view import with_scheduler
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
 
 
 def clamp_to_cond_norm(comb: torch.Tensor, cond: torch.Tensor, factor: float) -> torch.Tensor:
@@ -68,6 +68,10 @@ class ZImageCFG(CFG):
     def active(self, i: int) -> tuple[str, ...]:
         return self.branches if self.step_scales[i] > 0 else ("cond",)
 
+    def kernel_guidance(self, i: int, active: tuple[str, ...]) -> KernelGuidance | None:
+        # the kernel has no norm clamp: with one, the combine runs here and the kernel does the update alone
+        return None if self.normalization > 0.0 else super().kernel_guidance(i, active)
+
     def combine(self, preds: dict[str, Prediction], i: int) -> Prediction:
         comb = super().combine(preds, i)
         if len(preds) == 1 or self.normalization <= 0.0:
@@ -82,6 +86,9 @@ class ZImageCFG(CFG):
 
 class ZImageAdapter(Adapter):
     pipeline_classes = ("ZImagePipeline",)
+    #: no step graphs: the transformer takes Python lists of per-sample tensors and pads them on the host
+    #: every call (untested under capture), so steps run eagerly
+    capabilities = AdapterCapabilities(batchable=True)
 
     # -- what the variants override ---------------------------------------------------------------------------
 
@@ -142,9 +149,6 @@ class ZImageAdapter(Adapter):
         check_output_type(a["output_type"])
         return a
 
-    def check_policy(self, policy: GuidancePolicy) -> None:
-        check_policy_on(policy, self.pipe.transformer)
-
     def default_policy(self, a: dict[str, Any], timesteps=None) -> GuidancePolicy:
         scale = a["guidance_scale"]
         if not scale > 0:
@@ -165,12 +169,9 @@ class ZImageAdapter(Adapter):
         pipe, module = self.pipe, self.module
         transformer = pipe.transformer
         device = pipe._execution_device
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
-        pipe._interrupt = False
-        pipe._cfg_normalization = a["cfg_normalization"]
-        pipe._cfg_truncation = a["cfg_truncation"]
-        needs_negative = reads_negative(branch_specs(policy)) if policy is not None else a["guidance_scale"] > 0
+        begin_call(pipe, guidance_scale=a["guidance_scale"], joint_attention_kwargs=a["joint_attention_kwargs"],
+                   cfg_normalization=a["cfg_normalization"], cfg_truncation=a["cfg_truncation"])
+        needs_negative = self.needs_negative(policy) if policy is not None else a["guidance_scale"] > 0
 
         prompt = a["prompt"]
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else len(
@@ -195,23 +196,22 @@ class ZImageAdapter(Adapter):
         latents = own_tensor(latents, a["latents"])
         pipe._num_timesteps = len(timesteps)
 
-        policy = copy.deepcopy(policy) if policy is not None else self.default_policy(a, timesteps)
+        # the default policy needs the schedule (cfg_truncation compares the normalised time step by step)
+        policy = self.request_policy(a, policy) if policy is not None else self.default_policy(a, timesteps)
         self.check_policy(policy)
-        specs = branch_specs(policy)
-        if reads_negative(specs) and NEGATIVE not in text:
-            raise ValueError(f"guidance {policy.describe()} needs negative_prompt or negative_prompt_embeds")
+        require_negative(policy, NEGATIVE in text)
         attention_kwargs = a["joint_attention_kwargs"]
 
-        def forward(names: tuple[str, ...], x: torch.Tensor, i: int) -> list[torch.Tensor]:
-            t = timesteps[i]
+        def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
+            t = step.select(timesteps)
             timestep = (1000 - t.expand(x.shape[0])) / 1000
             model_input = x.to(transformer.dtype)
-            batch = getattr(self, "batch_branches", False) is True
             preds: dict[str, torch.Tensor] = {}
-            for group in batch_groups(names, batch, lambda name: specs[name].perturbation):
-                n, spec = len(group), specs[group[0]]
+            for group in batch_groups(names, batched, lambda name: policy.branch(name).perturbation):
+                n, spec = len(group), policy.branch(group[0])
+                # stock's batch: the latents repeated, the prompt list then the negative list
                 hidden = model_input if n == 1 else model_input.repeat(n, 1, 1, 1)
-                captions = [e for name in group for e in text[specs[name].source]]
+                captions = [e for name in group for e in text[policy.branch(name).source]]
                 with branch_forward(transformer, "+".join(group), spec, cache=False) as extra:
                     out = transformer(list(hidden.unsqueeze(2).unbind(dim=0)),
                                       timestep if n == 1 else timestep.repeat(n), captions,
@@ -231,26 +231,17 @@ class ZImageAdapter(Adapter):
             pipe, a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"], timesteps,
             lambda x: {"latents": x, "prompt_embeds": text[PROMPT]}, apply,
         )
-        output_type, return_dict = a["output_type"], a["return_dict"]
-
-        def finish(x: torch.Tensor):
-            if output_type == "latent":
-                image = x
-            else:
-                x = x.to(pipe.vae.dtype)
-                x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-                image = pipe.vae.decode(x, return_dict=False)[0]
-                image = pipe.image_processor.postprocess(image, output_type=output_type)
-            pipe.maybe_free_model_hooks()
-            if not return_dict:
-                return (image,)
-            return module.ZImagePipelineOutput(images=image)
+        def decode(x: torch.Tensor, output_type: str):
+            x = x.to(pipe.vae.dtype)
+            x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(x, return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type=output_type)
 
         policy.set_timesteps([t.item() for t in timesteps])
         stepper = self.make_update(scheduler, timesteps, generator=a["generator"])
         return self.denoise_job(
-            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper, finish=finish,
-            step_end=step_end if a["callback_on_step_end"] is not None else None,
+            latents=latents, timesteps=timesteps, policy=policy, forward=forward, update=stepper,
+            finish=make_finish(pipe, a, decode, module.ZImagePipelineOutput, "images"), step_end=step_end,
             prediction_dtype=torch.float32,
         )
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..kernels.guidance import KernelGuidance
 from .perturb import Perturbation
 
 Prediction = Any  # one tensor, or a tuple of tensors for models with several outputs
@@ -61,6 +62,9 @@ COND = Branch("cond", PROMPT)
 UNCOND = Branch("uncond", NEGATIVE)
 
 
+PASS_THROUGH = KernelGuidance()
+
+
 class GuidancePolicy:
     """Base class for guidance policies. Subclasses set ``branches`` and override the maths."""
 
@@ -68,6 +72,10 @@ class GuidancePolicy:
     branches: tuple[str, ...] = ("cond",)
     #: True when the guided prediction is a fixed linear function of the branches plus side channels
     linear: bool = True
+    #: True when the host numbers ``combine`` / ``reduce_terms`` use (weights, flags) are the same at every step
+    #: with the same active branches and the policy keeps no state across steps: a step captured once then
+    #: serves every step with those branches, whatever the exchange
+    constant_weights: bool = False
 
     def branch(self, name: str) -> Branch:
         """The declaration of branch ``name``: where its inputs come from and how its forward is perturbed."""
@@ -130,6 +138,18 @@ class GuidancePolicy:
         """Tensors carried across steps (checked for rank consistency)."""
         return {}
 
+    def kernel_guidance(self, i: int, active: tuple[str, ...]) -> KernelGuidance | None:
+        """What the fused kernel computes at step ``i`` with these branches active, or None when the kernel
+        cannot compute this policy's combine (the combine then runs in PyTorch and the kernel does the solver
+        update alone). Only single-output predictions reach the kernel."""
+        return None
+
+    def capture_key(self) -> tuple:
+        """What a captured step bakes in of this policy besides the active branches and the kernel's structure
+        (the default, the full description, is always safe; policies whose scale is read on device leave it
+        out)."""
+        return (self.describe(),)
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -176,6 +196,16 @@ class LinearPolicy(GuidancePolicy):
 
     def weights(self, i: int, active: tuple[str, ...], output: int) -> dict[str, float]:
         raise NotImplementedError
+
+    def kernel_guidance(self, i: int, active: tuple[str, ...]) -> KernelGuidance | None:
+        """The kernel computes ``u + s (c - u)`` then ``post``: any step whose only active branches are cond and
+        uncond with weights (s, 1 - s) fits."""
+        if self.base != "cond" or set(active) != {"cond", "uncond"}:
+            return None
+        w = self.weights(i, tuple(active), 0)
+        if w["cond"] + w["uncond"] != 1.0:
+            return None
+        return KernelGuidance(uncond=True, scale=w["cond"], renorm=self.renorm, rescale=self.rescale_factor(0))
 
     def rescale_factor(self, output: int) -> float:
         return self.rescale

@@ -12,7 +12,9 @@ from typing import Sequence
 import torch
 
 from .base import (
+    PASS_THROUGH,
     GuidancePolicy,
+    KernelGuidance,
     LinearPolicy,
     Prediction,
     check_scale,
@@ -27,9 +29,16 @@ class NoGuidance(GuidancePolicy):
     """One branch, no combine: requests without guidance run it on every rank with no collective."""
 
     branches = ("cond",)
+    constant_weights = True
 
     def check_outputs(self, num_outputs: int) -> None:
         pass  # passes the branch's prediction through, whatever its structure
+
+    def kernel_guidance(self, i: int, active: tuple[str, ...]) -> KernelGuidance | None:
+        return PASS_THROUGH
+
+    def capture_key(self) -> tuple:
+        return ()
 
 
 def _check_rescale(name: str, rescale: float) -> float:
@@ -53,6 +62,7 @@ class CFG(LinearPolicy):
     """
 
     branches = ("cond", "uncond")
+    constant_weights = True
 
     def __init__(
         self,
@@ -99,6 +109,16 @@ class CFG(LinearPolicy):
             return {"cond": 1.0 + s, "uncond": -s}
         return {"cond": s, "uncond": 1.0 - s}
 
+    def kernel_guidance(self, i: int, active: tuple[str, ...]) -> KernelGuidance | None:
+        if len(active) == 1:
+            return PASS_THROUGH  # outside the window (or neutral): cond alone, unchanged
+        return KernelGuidance(uncond=True, scale=self.scale_at(i), original=self.original_formulation,
+                              renorm=self.renorm, rescale=self.rescale)
+
+    def capture_key(self) -> tuple:
+        # the scale is read on device; the window only selects active sets, which key the captured steps
+        return (self.renorm, self.rescale, self.original_formulation)
+
     def _extras(self) -> str:
         extras = []
         if self.renorm:
@@ -120,6 +140,8 @@ class DynamicCFG(CFG):
     it (``use_dynamic_cfg=True``). Adapters pass the timesteps with ``set_timesteps``; both branches run at
     every step inside the window, as in that pipeline.
     """
+
+    constant_weights = False  # the scale changes every step (a captured step reads it from device memory)
 
     def scale_at(self, i: int) -> float:
         timesteps = getattr(self, "timesteps", None)

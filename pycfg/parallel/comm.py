@@ -9,14 +9,47 @@ tests can check there is exactly one per step.
 from __future__ import annotations
 
 import logging
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
+from ..choices import COMMS, check_choice
 from ..errors import RankFailureError
 
 # torch >= 2.13 names the flat all-gather all_gather_single; older releases all_gather_into_tensor
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What the runtime needs from a CFG group's communicator: the group's shape and the step's collectives.
+
+    ``count=False`` marks debug traffic (consistency checks) that is not part of the per-step exchange; ``calls``
+    counts the others, so tests can check there is one collective per step.
+    """
+
+    #: this rank's index in the CFG group, and the group's size
+    rank: int
+    size: int
+    #: "local", "torch" or "nccl-ext" (which collectives a CUDA graph may capture depends on it)
+    name: str
+    device: torch.device
+    #: the torch.distributed group the CFG group runs on (None for a group of one); object collectives use it
+    group: dist.ProcessGroup | None
+    calls: int
+
+    def all_gather(self, flat: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """Every rank's ``flat`` stacked into (size, numel); all inputs must have the same numel."""
+        ...
+
+    def all_reduce_(self, flat: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """Element-wise sum over ranks, in place; returns ``flat``."""
+        ...
+
+    def synchronize(self) -> None:
+        """Wait until the enqueued collectives finished; raise :class:`RankFailureError` if a peer failed."""
+        ...
 
 
 class LocalComm:
@@ -36,6 +69,9 @@ class LocalComm:
     def all_reduce_(self, flat: torch.Tensor, count: bool = True) -> torch.Tensor:
         self.calls += count
         return flat
+
+    def synchronize(self) -> None:
+        """Nothing is in flight in a group of one."""
 
 
 class TorchComm:
@@ -79,8 +115,10 @@ class TorchComm:
             raise self._failed("all_reduce", err) from err
         return flat
 
+    def synchronize(self) -> None:
+        """torch.distributed's collectives here complete before they return (gloo), or are checked by its own
+        watchdog (NCCL): nothing to wait for."""
 
-COMMS = ("auto", "torch", "nccl-ext")
 
 logger = logging.getLogger("pycfg")
 
@@ -92,11 +130,11 @@ def _group_agrees(group: dist.ProcessGroup, mine: bool) -> bool:
     return all(votes)
 
 
-def make_comm(group: dist.ProcessGroup | None, *, device: torch.device, timeout: float, comm: str = "auto"):
+def make_comm(group: dist.ProcessGroup | None, *, device: torch.device, timeout: float,
+              comm: str = "auto") -> Communicator:
     """The communicator for a CFG group: local for a group of one; for CUDA groups the NCCL extension when every
     rank can load it (``comm="auto"``, or forced with ``comm="nccl-ext"``), torch.distributed otherwise."""
-    if comm not in COMMS:
-        raise ValueError(f"comm must be one of {', '.join(map(repr, COMMS))}, got {comm!r}")
+    check_choice("comm", comm, COMMS)
     device = torch.device(device)
     if group is None:
         return LocalComm(device)

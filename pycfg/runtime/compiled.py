@@ -13,19 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-COMPILE_CHOICES = (False, True, "full", "regional")
-
-
-def check_compile_option(compile_transformer: Any, mode: str | None) -> str | None:
-    """The normalised choice: None (off), ``"full"`` or ``"regional"``; raises on anything else."""
-    if compile_transformer not in COMPILE_CHOICES or compile_transformer is None:
-        choices = ", ".join(map(repr, COMPILE_CHOICES))
-        raise ValueError(f"compile_transformer must be one of {choices}, got {compile_transformer!r}")
-    if mode is not None and not isinstance(mode, str):
-        raise ValueError(f"compile_mode must be a torch.compile mode name or None, got {mode!r}")
-    if compile_transformer is False:
-        return None
-    return "full" if compile_transformer is True else compile_transformer
+from ..steps import StepIndex
+from .job import Job
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -78,7 +67,7 @@ def time_forwards(run: Callable[[], Any], device: torch.device, repeats: int = 3
     return sorted(times)[len(times) // 2]
 
 
-def choose_batching(adapter, job, repeats: int = 3) -> dict[str, Any]:
+def choose_batching(job: Job, repeats: int = 3) -> dict[str, Any]:
     """Time the step's active branches as one batched forward and as separate forwards; keep the faster.
 
     Runs on the prepared job's own inputs at step 0 (outputs discarded, no state touched). Ties go to separate
@@ -88,14 +77,10 @@ def choose_batching(adapter, job, repeats: int = 3) -> dict[str, Any]:
     active = job.policy.active(0)
     if len(active) < 2:
         return {"batched": False, "why": "one active branch"}
-    before = getattr(adapter, "batch_branches", False)
-    times = {}
-    try:
-        for batched in (False, True):
-            adapter.batch_branches = batched
-            times[batched] = time_forwards(lambda: job.forward(active, job.latents, 0), job.device, repeats)
-    finally:
-        adapter.batch_branches = before
+    step = StepIndex(0, StepIndex.counter(job.device))
+    times = {batched: time_forwards(lambda b=batched: job.forward(active, job.latents, step, b), job.device,
+                                    repeats)
+             for batched in (False, True)}
     batched = times[True] < times[False]
     # branches the adapter cannot batch (different text lengths) run separately either way: the choice is moot
     return {"batched": batched, "separate_s": times[False], "batched_s": times[True], "why": "measured"}

@@ -21,11 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-#: history writes one step may make (UniPC keeps the new model output and the corrected sample)
-MAX_WRITES = 2
-#: fixed input columns before the history slots
-INPUT_X, INPUT_V, INPUT_Z = 0, 1, 2
-FIXED_INPUTS = 3
+from ..kernels.table import FIXED_INPUTS, INPUT_V, INPUT_X, INPUT_Z, MAX_WRITES  # noqa: F401  (the one layout)
 
 
 class UnsupportedScheduler(Exception):

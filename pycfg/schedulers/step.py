@@ -4,6 +4,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..steps import StepIndex
+
 
 def tensors_in(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Tensors held in an object's attributes (directly or in lists/tuples), by dotted name."""
@@ -32,8 +34,8 @@ class SchedulerStep:
     def order(self) -> int:
         return getattr(self.scheduler, "order", 1)
 
-    def __call__(self, guided: torch.Tensor, i: int, latents: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.step(guided, self.timesteps[i], latents, **self.step_kwargs, return_dict=False)[0]
+    def __call__(self, guided: torch.Tensor, step: StepIndex, latents: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(guided, self.timesteps[step.i], latents, **self.step_kwargs, return_dict=False)[0]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return tensors_in(self.scheduler, "scheduler.")

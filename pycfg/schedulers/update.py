@@ -20,13 +20,14 @@ from typing import Any, Sequence
 
 import torch
 
+from ..choices import NOISE_SOURCES, check_choice
+from ..kernels.guidance import KernelGuidance
+from ..steps import StepIndex
 from .philox import seed_from_generator
 from .plan import FIXED_INPUTS, SchedulerPlan, UnsupportedScheduler, build_plan
 from .step import SchedulerStep
 
 logger = logging.getLogger("pycfg")
-
-NOISE_SOURCES = ("philox", "diffusers")
 
 
 def load_fused_kernel(device: torch.device):
@@ -50,25 +51,15 @@ def load_fused_kernel(device: torch.device):
     return fused_update.fused_guided_update
 
 
-def _guidance_args(policy, n_inputs: int) -> dict | None:
-    """The kernel's guidance arguments for policies it implements (CFG, NoGuidance); None for any other."""
-    from ..guidance.cfg import CFG, NoGuidance
-
-    if type(policy) is NoGuidance or (type(policy) is CFG and n_inputs == 1):
-        # CFG outside its window runs cond alone and returns it unchanged
-        return {}
-    if type(policy) is CFG:
-        return dict(scale=policy.scale, original=policy.original_formulation, renorm=policy.renorm,
-                    rescale=policy.rescale)
-    return None
-
-
 class PlanUpdate:
     """Applies row i of a :class:`SchedulerPlan`; holds the solver history as fp32 slots, same on every rank.
 
-    ``__call__(guided, i, latents)`` takes the guided prediction; ``fused_step`` takes the branch predictions
-    (a dict, ``gather``) or the reduced terms (a list, ``reduce``) and does combine + update in one pass.
-    Latents are updated in place.
+    ``__call__(guided, i, latents)`` takes the guided prediction; :meth:`fused_step` takes the branch predictions
+    (a dict, ``gather``) or the reduced terms (a list, ``reduce``) and does combine + update in one pass, as the
+    policy's :meth:`~pycfg.guidance.GuidancePolicy.kernel_guidance` declares it. Latents are updated in place.
+
+    A captured step uses :meth:`for_captured_steps`: the same update reading its table row by the device step
+    index and the guidance scale from device memory, over the same history (:meth:`static_buffers`).
     """
 
     fused = True
@@ -80,13 +71,19 @@ class PlanUpdate:
         self.seed = seed if plan.stochastic else None
         self.use_kernel = use_kernel
         self.history: torch.Tensor | None = None
+        self.coefficients: torch.Tensor | None = None
+        self.write_slots: torch.Tensor | None = None
+        self.seed_tensor: torch.Tensor | None = None
         self._device: torch.device | None = None
         self._kernel = None
-        #: a one-element fp32 device tensor the guidance scale is read from instead of the policy's number:
-        #: a captured step then serves any scale written there (set by the CUDA-graph runner)
-        self.scale_source: torch.Tensor | None = None
 
-    def _ready(self, latents: torch.Tensor) -> None:
+    @property
+    def stochastic(self) -> bool:
+        """True when the solver draws noise (keyed by the host step number: no captured step serves it)."""
+        return self.plan.stochastic
+
+    def ready(self, latents: torch.Tensor) -> None:
+        """Upload the tables and allocate the history on the latents' device (once per request and device)."""
         if self._device == latents.device and self.history is not None:
             return
         device = latents.device
@@ -99,42 +96,64 @@ class PlanUpdate:
         if self.use_kernel:
             self._kernel = load_fused_kernel(device)
 
-    def _run(self, latents, cond, uncond, i: int, **guidance) -> torch.Tensor:
-        self._ready(latents)
-        if self.scale_source is not None and "scale" in guidance:
-            guidance["scale"] = self.scale_source
+    def static_buffers(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor a captured step of this update reads or writes, by name (tables and history), made
+        ready on the latents' device: a later request's values are copied into these to replay the step."""
+        self.ready(latents)
+        return {"plan.coefficients": self.coefficients, "plan.write_slots": self.write_slots,
+                "plan.history": self.history}
+
+    def for_captured_steps(self, latents: torch.Tensor) -> CapturedPlanUpdate:
+        """This update as a captured step runs it: same tables and history, row and scale read on device."""
+        self.ready(latents)
+        return CapturedPlanUpdate(self)
+
+    def _row(self, step: StepIndex) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(table, slots, row index) the kernel reads at ``step``."""
+        return self.coefficients, self.write_slots, step.i
+
+    def _scale(self, guidance: KernelGuidance) -> float | torch.Tensor:
+        return guidance.scale
+
+    def _run(self, latents, cond, uncond, step: StepIndex, **guidance) -> torch.Tensor:
+        self.ready(latents)
+        table, slots, row = self._row(step)
         if not latents.is_contiguous():
             latents = latents.contiguous()
         if self.use_kernel:
             return self._kernel(latents, cond.contiguous(), None if uncond is None else uncond.contiguous(),
-                                self.history, self.coefficients, self.write_slots, i, seed=self.seed_tensor,
-                                **guidance)
+                                self.history, table, slots, row, seed=self.seed_tensor, **guidance)
         from ..kernels.fused_update_ref import fused_guided_update_ref
 
-        return fused_guided_update_ref(latents, cond, uncond, self.history, self.coefficients, self.write_slots, i,
-                                       seed=self.seed, **guidance)
+        return fused_guided_update_ref(latents, cond, uncond, self.history, table, slots, row, seed=self.seed,
+                                       **guidance)
 
-    def __call__(self, guided: torch.Tensor, i: int, latents: torch.Tensor) -> torch.Tensor:
-        return self._run(latents, guided, None, i)
+    def __call__(self, guided: torch.Tensor, step: StepIndex, latents: torch.Tensor) -> torch.Tensor:
+        return self._run(latents, guided, None, step)
 
-    def fused_step(self, inputs, policy, i: int, latents: torch.Tensor) -> torch.Tensor:
+    def fused_step(self, inputs, policy, step: StepIndex, latents: torch.Tensor) -> torch.Tensor:
+        """Combine + update in one pass: ``inputs`` are the active branches' predictions by name (``gather``)
+        or the reduced terms (``reduce``, :class:`~pycfg.guidance.LinearPolicy`'s layout)."""
+        i = step.i
         if isinstance(inputs, dict):
-            args = _guidance_args(policy, len(inputs))
-            if args is None:
-                return self(policy.combine(inputs, i), i, latents)
-            if len(inputs) == 1:
+            how = policy.kernel_guidance(i, tuple(inputs))
+            if how is None:
+                return self._run(latents, policy.combine(inputs, i), None, step)
+            if not how.uncond:
                 (cond,) = inputs.values()
-                return self._run(latents, cond, None, i)
-            return self._run(latents, inputs["cond"], inputs["uncond"], i, **args)
+                return self._run(latents, cond, None, step)
+            args = how.kernel_args()
+            args["scale"] = self._scale(how)
+            return self._run(latents, inputs["cond"], inputs["uncond"], step, **args)
         terms = list(inputs)
-        args = _guidance_args(policy, 2)
-        if not args:
-            return self(policy.reduce_finish(terms, i, latents), i, latents)
+        how = policy.kernel_guidance(i, policy.active(i))
+        if how is None or not how.uncond:
+            return self._run(latents, policy.reduce_finish(terms, i, latents), None, step)
         rest = terms[1:]
-        cond_norm = rest.pop(0) if args["renorm"] else None
-        cond_std = rest.pop(0) if args["rescale"] > 0.0 else None
+        cond_norm = rest.pop(0) if how.renorm else None
+        cond_std = rest.pop(0) if how.rescale > 0.0 else None
         # the reduced sum already holds the combine: only the post-combine maths remain
-        return self._run(latents, terms[0], None, i, renorm=args["renorm"], rescale=args["rescale"],
+        return self._run(latents, terms[0], None, step, renorm=how.renorm, rescale=how.rescale,
                          cond_norm=cond_norm, cond_std=cond_std)
 
     @property
@@ -149,12 +168,39 @@ class PlanUpdate:
         return f"{self.plan.describe()} via the {engine}"
 
 
+class CapturedPlanUpdate(PlanUpdate):
+    """A :class:`PlanUpdate` as one captured step serves every step: the step's table row is gathered by the
+    device step index into one-row buffers, and the guidance scale is read from :attr:`scale` (written by
+    :meth:`write_scale` before each step), so nothing per step is a host number inside the step."""
+
+    def __init__(self, base: PlanUpdate) -> None:
+        super().__init__(base.plan, seed=base.seed, use_kernel=base.use_kernel)
+        self.base = base
+        self._device, self._kernel, self.seed_tensor = base._device, base._kernel, base.seed_tensor
+        self.history = base.history
+        self.full_coefficients, self.full_write_slots = base.coefficients, base.write_slots
+        self.coefficients = torch.empty_like(base.coefficients[:1])
+        self.write_slots = torch.empty_like(base.write_slots[:1])
+        self.scale = torch.ones(1, dtype=torch.float32, device=base.coefficients.device)
+
+    def write_scale(self, value: float) -> None:
+        """The guidance scale the next step reads (a device write, no host sync)."""
+        self.scale.fill_(float(value))
+
+    def _row(self, step: StepIndex) -> tuple[torch.Tensor, torch.Tensor, int]:
+        torch.index_select(self.full_coefficients, 0, step.device, out=self.coefficients)
+        torch.index_select(self.full_write_slots, 0, step.device, out=self.write_slots)
+        return self.coefficients, self.write_slots, 0
+
+    def _scale(self, guidance: KernelGuidance) -> float | torch.Tensor:
+        return self.scale
+
+
 def make_scheduler_update(scheduler: Any, timesteps: Sequence, step_kwargs: dict | None = None, *,
                           fused: bool | None = None, noise: str = "philox", generator=None,
                           device: torch.device | str | None = None):
     """The update for one request (see the module docstring for the rules)."""
-    if noise not in NOISE_SOURCES:
-        raise ValueError(f"noise must be one of {', '.join(map(repr, NOISE_SOURCES))}, got {noise!r}")
+    check_choice("noise", noise, NOISE_SOURCES)
     step_kwargs = dict(step_kwargs or {})
     device = torch.device(device) if device is not None else torch.device("cpu")
     if fused is False or (fused is None and device.type != "cuda"):
@@ -179,4 +225,5 @@ def make_scheduler_update(scheduler: Any, timesteps: Sequence, step_kwargs: dict
     return PlanUpdate(plan, seed=seed, use_kernel=use_kernel)
 
 
-__all__ = ["PlanUpdate", "make_scheduler_update", "load_fused_kernel", "NOISE_SOURCES", "FIXED_INPUTS"]
+__all__ = ["PlanUpdate", "CapturedPlanUpdate", "make_scheduler_update", "load_fused_kernel", "NOISE_SOURCES",
+           "FIXED_INPUTS"]
