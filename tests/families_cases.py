@@ -77,3 +77,27 @@ def run_family_scenarios(rank: int, world: int, scenarios: list[dict], stock: bo
             if spec.get("batched_p1") and stock:
                 out[(name, "p1_batched")] = _call(compiled_for(key, pipe, 1, dict(batch_branches=True)), spec)
     return out
+
+
+def cached_variant_requests(rank: int, world: int, cases: list[dict]) -> dict:
+    """Per case, two requests of one shape (other seed, input image, texts and scale) through cached step runners
+    (run as step functions, not graphs: the CPU stand-in for replayed CUDA graphs) and the plain fused loop."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from pycfg.runtime.graphs import StepGraphs
+
+    out = {}
+    for case in cases:
+        pipe = getattr(tiny, case["pipeline"])(**case.get("pipeline_kwargs", {}))
+        plain = pycfg.compile(pipe, cfg_parallel_size=world, fused=True)
+        cached = pycfg.compile(pipe, cfg_parallel_size=world, fused=True)
+        cached.step_graphs = StepGraphs("cpu", capture=False)
+        pairs = []
+        for seed, scale in ((0, 5.0), (1, 3.0)):
+            call = dict(getattr(tiny, case["inputs"])(seed=seed), num_inference_steps=3, output_type="latent")
+            call[case["scale"]] = scale
+            pairs.append([runner(**call, generator=torch.Generator().manual_seed(seed))[0]
+                          for runner in (plain, cached)])
+        out[case["name"]] = {"pairs": pairs, "stats": cached.step_graphs.describe()}
+    return out

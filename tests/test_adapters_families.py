@@ -196,3 +196,25 @@ def test_zimage_rejects_unknown_callback_tensor_before_any_compute():
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         fast(**zimage_inputs(), callback_on_step_end=lambda *args: {},
              callback_on_step_end_tensor_inputs=["noise_pred"])
+
+
+#: variants whose family captures whole steps: their image / control latents and masks are graph inputs
+CACHED = [
+    dict(name="kontext", pipeline="flux_kontext_pipeline", inputs="flux_kontext_inputs", scale="true_cfg_scale"),
+    dict(name="inpaint", pipeline="flux_inpaint_pipeline", inputs="flux_inpaint_inputs", scale="true_cfg_scale"),
+    dict(name="wan_i2v", pipeline="wan_i2v_pipeline", inputs="wan_i2v_inputs", scale="guidance_scale"),
+    dict(name="wan_ti2v", pipeline="wan_i2v_pipeline", pipeline_kwargs=dict(mode="ti2v"), inputs="wan_i2v_inputs",
+         scale="guidance_scale"),
+    dict(name="vace", pipeline="wan_vace_pipeline", inputs="wan_vace_inputs", scale="guidance_scale"),
+]
+
+
+def test_variant_steps_replay_with_each_requests_inputs():
+    from families_cases import cached_variant_requests
+
+    (out,) = run_world(cached_variant_requests, 1, cases=CACHED)
+    for name, r in out.items():
+        assert r["stats"]["last_fallback"] is None and r["stats"]["reused"] == 1, (name, r["stats"])
+        for plain, cached in r["pairs"]:
+            assert torch.equal(cached, plain), name
+        assert not torch.equal(r["pairs"][0][1], r["pairs"][1][1]), name

@@ -16,6 +16,7 @@ What their ``__call__`` does beyond FluxPipeline's:
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from ..guidance.base import PROMPT
 from ..steps import StepIndex
 from ._pipeline_view import with_scheduler
-from .base import AdapterCapabilities, own_tensor
+from .base import own_tensor
 from .flux import FluxAdapter, FluxRequest
 
 #: call arguments of the image variants that reach the steps only through graph inputs (the encoded image)
@@ -32,7 +33,7 @@ IMAGE_VALUE_ARGS = FluxAdapter.capabilities.graph_value_args + ("image",)
 
 class FluxKontextAdapter(FluxAdapter):
     pipeline_classes = ("FluxKontextPipeline",)
-    capabilities = AdapterCapabilities(graph_steps=True, graph_value_args=IMAGE_VALUE_ARGS)
+    capabilities = replace(FluxAdapter.capabilities, graph_value_args=IMAGE_VALUE_ARGS)
 
     def default_size(self, a: dict[str, Any]) -> None:
         # stock fits the requested aspect ratio to max_area, rounded to the packing multiple (inline, no helper)
@@ -73,7 +74,7 @@ class FluxKontextAdapter(FluxAdapter):
 
 class FluxImg2ImgAdapter(FluxAdapter):
     pipeline_classes = ("FluxImg2ImgPipeline",)
-    capabilities = AdapterCapabilities(graph_steps=True, graph_value_args=IMAGE_VALUE_ARGS)
+    capabilities = replace(FluxAdapter.capabilities, graph_value_args=IMAGE_VALUE_ARGS)
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["prompt_2"], a["strength"], a["height"], a["width"],
@@ -116,8 +117,8 @@ class InpaintImages(NamedTuple):
 
 class FluxInpaintAdapter(FluxImg2ImgAdapter):
     pipeline_classes = ("FluxInpaintPipeline",)
-    capabilities = AdapterCapabilities(graph_steps=True,
-                                       graph_value_args=IMAGE_VALUE_ARGS + ("mask_image", "masked_image_latents"))
+    capabilities = replace(FluxAdapter.capabilities,
+                           graph_value_args=IMAGE_VALUE_ARGS + ("mask_image", "masked_image_latents"))
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["prompt_2"], a["image"], a["mask_image"], a["strength"], a["height"],

@@ -12,11 +12,12 @@ What their ``__call__`` does beyond WanPipeline's:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .base import AdapterCapabilities, own_tensor
+from .base import own_tensor
 from .wan import WAN_VALUE_ARGS, WanAdapter, WanRequest
 
 
@@ -27,9 +28,8 @@ def repeat_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 class WanImageToVideoAdapter(WanAdapter):
     pipeline_classes = ("WanImageToVideoPipeline",)
-    capabilities = AdapterCapabilities(batchable=True, graph_steps=True,
-                                       transformer_modules=("transformer", "transformer_2"),
-                                       graph_value_args=WAN_VALUE_ARGS + ("image", "last_image", "image_embeds"))
+    capabilities = replace(WanAdapter.capabilities,
+                           graph_value_args=WAN_VALUE_ARGS + ("image", "last_image", "image_embeds"))
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["negative_prompt"], a["image"], a["height"], a["width"],
@@ -76,10 +76,8 @@ class WanImageToVideoAdapter(WanAdapter):
 
 class WanVACEAdapter(WanAdapter):
     pipeline_classes = ("WanVACEPipeline",)
-    capabilities = AdapterCapabilities(batchable=True, graph_steps=True,
-                                       transformer_modules=("transformer", "transformer_2"),
-                                       graph_value_args=WAN_VALUE_ARGS + ("video", "mask", "reference_images",
-                                                                          "conditioning_scale"))
+    capabilities = replace(WanAdapter.capabilities, graph_value_args=WAN_VALUE_ARGS + (
+        "video", "mask", "reference_images", "conditioning_scale"))
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], a["negative_prompt"], a["height"], a["width"], a["prompt_embeds"],
