@@ -218,3 +218,17 @@ def test_variant_steps_replay_with_each_requests_inputs():
         for plain, cached in r["pairs"]:
             assert torch.equal(cached, plain), name
         assert not torch.equal(r["pairs"][0][1], r["pairs"][1][1]), name
+
+
+def test_engine_serves_an_inpainting_request_with_pil_inputs():
+    """The input image and mask (PIL) travel to the workers; the result is stock's, bit for bit."""
+    import functools
+
+    import pycfg
+    from pycfg.tiny import flux_inpaint_inputs, flux_inpaint_pipeline
+
+    call = dict(flux_inpaint_inputs(), true_cfg_scale=4.0, num_inference_steps=3, output_type="pt")
+    stock = flux_inpaint_pipeline()(**call, generator=torch.Generator().manual_seed(0)).images
+    with pycfg.Engine(functools.partial(flux_inpaint_pipeline), cfg_parallel_size=2, timeout=300) as engine:
+        out = engine.generate(**call, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.images, stock)
