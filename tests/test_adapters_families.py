@@ -16,7 +16,7 @@ from families_cases import run_family_scenarios
 from test_adapters_cases import assert_close, assert_same
 
 from pycfg._launch import run_world
-from pycfg.guidance import APG, CFG, CFGZeroStar
+from pycfg.guidance import APG, CFG, PAG, CFGZeroStar, SkipLayer
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused update's kernel, interpreted on CPU (spawned ranks)
 
@@ -84,6 +84,7 @@ SCENARIOS = [
     dict(ZIMAGE, name="z_reduce", options=dict(exchange="reduce"), call=dict(guidance_scale=4.0, cfg_truncation=0.5)),
     dict(ZIMAGE, name="z_decoded", call=dict(guidance_scale=4.0, output_type="np", num_inference_steps=2)),
     dict(ZIMAGE, name="z_zero_star", guidance=CFGZeroStar(4.0)),
+    dict(ZIMAGE, name="z_pag_unsupported", pycfg_error="block stacks", guidance=PAG(4.0, 2.0, [0])),
     dict(ZIMAGE, name="z_bad_height", error=True, call=dict(guidance_scale=4.0, height=17)),
     dict(ZIMAGE_I2I, name="zi_cfg_off", call=dict(guidance_scale=0.0)),
     dict(ZIMAGE_I2I, name="zi_cfg", changes="zi_cfg_off", batched_p1=True, call=dict(guidance_scale=4.0)),
@@ -97,6 +98,7 @@ SCENARIOS = [
     dict(LONGCAT, name="lc_renorm_min", call=dict(guidance_scale=4.0, cfg_renorm_min=0.99)),
     dict(LONGCAT, name="lc_batch2", inputs_kwargs=dict(batch=2), call=dict(guidance_scale=3.0)),
     dict(LONGCAT, name="lc_apg", guidance=APG(4.0)),
+    dict(LONGCAT, name="lc_skip", guidance=SkipLayer(4.0, 2.0, [0], start=0.0, stop=1.0)),
     dict(LONGCAT, name="lc_reduce_renorm", pycfg_error="exchange='reduce'", options=dict(exchange="reduce"),
          call=dict(guidance_scale=4.0)),
     # FLUX.2-klein: true CFG on the base checkpoints only
@@ -107,6 +109,7 @@ SCENARIOS = [
          call=dict(guidance_scale=4.0, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])),
     dict(FLUX2, name="f2_decoded", call=dict(guidance_scale=4.0, output_type="pt", num_inference_steps=2)),
     dict(FLUX2, name="f2_reduce_fused", options=dict(exchange="reduce", fused=True), call=dict(guidance_scale=4.0)),
+    dict(FLUX2, name="f2_skip", guidance=SkipLayer(4.0, 2.0, [0], start=0.0, stop=1.0)),
     dict(FLUX2, name="f2_distilled", pipeline_kwargs=dict(is_distilled=True), call=dict(guidance_scale=4.0)),
     dict(FLUX2, name="f2_bad_callback", error=True,
          call=dict(guidance_scale=4.0, callback_on_step_end_tensor_inputs=["noise_pred"])),
@@ -117,6 +120,7 @@ SCENARIOS = [
          pipeline_kwargs=dict(guidance_rescale=0.7, start=0.25, stop=0.75), call=dict(num_inference_steps=4)),
     dict(HV15, name="hv_original", pipeline_kwargs=dict(guidance_scale=3.0, use_original_formulation=True)),
     dict(HV15, name="hv_policy", guidance=CFG(2.5, rescale=0.5)),
+    dict(HV15, name="hv_pag", guidance=PAG(4.0, 2.0, [0])),
     dict(HV15_I2V, name="hvi_cfg_off", pipeline_kwargs=dict(guidance_scale=1.0)),
     dict(HV15_I2V, name="hvi_cfg", changes="hvi_cfg_off"),
     dict(HV15_I2V, name="hvi_decoded", call=dict(output_type="np", num_inference_steps=2)),
