@@ -23,6 +23,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused update's kernel, int
 ZIMAGE = dict(pipeline="zimage_pipeline", inputs="zimage_inputs", family="zimage")
 ZIMAGE_I2I = dict(pipeline="zimage_img2img_pipeline", inputs="zimage_img2img_inputs", family="zimage")
 LONGCAT = dict(pipeline="longcat_pipeline", inputs="longcat_inputs", family="longcat")
+LONGCAT_EDIT = dict(pipeline="longcat_edit_pipeline", inputs="longcat_edit_inputs", family="longcat")
 FLUX2 = dict(pipeline="flux2_klein_pipeline", inputs="flux2_klein_inputs", family="flux2")
 HV15 = dict(pipeline="hunyuanvideo15_pipeline", inputs="hunyuanvideo15_inputs", family="hunyuanvideo15")
 KONTEXT = dict(pipeline="flux_kontext_pipeline", inputs="flux_kontext_inputs", family="flux")
@@ -99,6 +100,8 @@ SCENARIOS = [
     dict(LONGCAT, name="lc_batch2", inputs_kwargs=dict(batch=2), call=dict(guidance_scale=3.0)),
     dict(LONGCAT, name="lc_apg", guidance=APG(4.0)),
     dict(LONGCAT, name="lc_skip", guidance=SkipLayer(4.0, 2.0, [0], start=0.0, stop=1.0)),
+    dict(LONGCAT_EDIT, name="lce_cfg_off", call=dict(guidance_scale=1.0, num_inference_steps=2)),
+    dict(LONGCAT_EDIT, name="lce_cfg", changes="lce_cfg_off", call=dict(guidance_scale=4.0, num_inference_steps=2)),
     dict(LONGCAT, name="lc_reduce_renorm", pycfg_error="exchange='reduce'", options=dict(exchange="reduce"),
          call=dict(guidance_scale=4.0)),
     # FLUX.2-klein: true CFG on the base checkpoints only
@@ -188,7 +191,8 @@ def test_supported_pipelines():
 
     for name in ("FluxKontextPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "WanImageToVideoPipeline",
                  "WanVACEPipeline", "ZImagePipeline", "ZImageImg2ImgPipeline", "LongCatImagePipeline",
-                 "Flux2KleinPipeline", "HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"):
+                 "LongCatImageEditPipeline", "Flux2KleinPipeline", "HunyuanVideo15Pipeline",
+                 "HunyuanVideo15ImageToVideoPipeline"):
         assert name in supported_pipelines()
 
 

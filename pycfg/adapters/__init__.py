@@ -8,7 +8,7 @@ from .flux2 import Flux2KleinAdapter
 from .flux_variants import FluxImg2ImgAdapter, FluxInpaintAdapter, FluxKontextAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .hunyuanvideo15 import HunyuanVideo15Adapter, HunyuanVideo15ImageToVideoAdapter
-from .longcat import LongCatImageAdapter
+from .longcat import LongCatImageAdapter, LongCatImageEditAdapter
 from .ltx import LTXAdapter
 from .ltx2 import LTX2Adapter
 from .qwenimage import QwenImageAdapter
@@ -34,6 +34,7 @@ ADAPTERS = [
     ZImageAdapter,
     ZImageImg2ImgAdapter,
     LongCatImageAdapter,
+    LongCatImageEditAdapter,
     Flux2KleinAdapter,
     HunyuanVideo15Adapter,
     HunyuanVideo15ImageToVideoAdapter,

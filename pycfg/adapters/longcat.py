@@ -8,6 +8,7 @@ stays in the family as :class:`LongCatCFG`; with it off, stock's guidance is pla
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,31 +47,61 @@ class LongCatCFG(CFG):
         return f"LongCatCFG(scale={self.scale}, renorm_min={self.renorm_min}{self._extras()})"
 
 
+@dataclass
+class LongCatImages:
+    """The edit variant's input image, preprocessed for the VAE, and the half-size copy its prompt reads."""
+
+    image: Any
+    prompt_image: Any
+
+
 class LongCatImageAdapter(Adapter):
     """No step graphs: LongCat's transformer is untested under capture here; steps run eagerly."""
 
     pipeline_classes = ("LongCatImagePipeline",)
 
+    # -- what the variants override ---------------------------------------------------------------------------
+
+    def size(self, a: dict[str, Any]) -> tuple[int, int]:
+        """The generated image's (height, width)."""
+        default_size(self.pipe, a)
+        return a["height"], a["width"]
+
+    def prepare_images(self, a: dict[str, Any], height: int, width: int) -> LongCatImages | None:
+        """The variant's input image(s) (text to image: none)."""
+        return None
+
+    def encode(self, prompt, prompt_embeds, a, images: LongCatImages | None):
+        """(embeds, text ids) of one side, with the pipeline's own ``encode_prompt``."""
+        return self.pipe.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds,
+                                       num_images_per_prompt=a["num_images_per_prompt"])
+
+    def rewrite(self, a: dict[str, Any], prompt, device):
+        """The prompt stock encodes (text to image may rewrite it with the text encoder)."""
+        return self.pipe.rewire_prompt(prompt, device) if a["enable_prompt_rewrite"] else prompt
+
+    def prepare_latents(self, a, images: LongCatImages | None, batch: int, height: int, width: int, dtype, device,
+                        text_length: int):
+        """(latents, position ids of every token a forward sees, image latents appended to the sequence)."""
+        latents, ids = self.pipe.prepare_latents(batch, 16, height, width, dtype, device, a["generator"], a["latents"])
+        return latents, ids, None
+
+    # -- the family -------------------------------------------------------------------------------------------
+
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
         a = self.bind(kwargs)
-        default_size(pipe, a)
-        pipe.check_inputs(a["prompt"], a["height"], a["width"], negative_prompt=a["negative_prompt"],
-                          prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"])
+        a["size"] = self.size(a)
+        self.pipe.check_inputs(a["prompt"], *a["size"], negative_prompt=a["negative_prompt"],
+                               prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"])
         check_output_type(a["output_type"])
         return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if not a["guidance_scale"] > 1:
             return NoGuidance()
-        if a["enable_cfg_renorm"]:
+        if a.get("enable_cfg_renorm"):
             return LongCatCFG(a["guidance_scale"], a["cfg_renorm_min"])
         return CFG(a["guidance_scale"])
-
-    def encode(self, prompt, prompt_embeds, a, device):
-        """(embeds, text ids) of one side, with the pipeline's own ``encode_prompt``."""
-        return self.pipe.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds,
-                                       num_images_per_prompt=a["num_images_per_prompt"])
 
     def prepare(self, a: dict[str, Any], policy: GuidancePolicy | None) -> Job:
         pipe, module = self.pipe, self.module
@@ -78,18 +109,18 @@ class LongCatImageAdapter(Adapter):
         begin_call(pipe, guidance_scale=a["guidance_scale"], joint_attention_kwargs=a["joint_attention_kwargs"])
         batch_size = prompt_batch_size(a["prompt"], a["prompt_embeds"])
         device = pipe._execution_device
+        height, width = a["size"]
+        images = self.prepare_images(a, height, width)
 
-        prompt = a["prompt"]
-        if a["enable_prompt_rewrite"]:
-            prompt = pipe.rewire_prompt(prompt, device)
-        text = {PROMPT: list(self.encode(prompt, a["prompt_embeds"], a, device))}
+        prompt = self.rewrite(a, a["prompt"], device)
+        text = {PROMPT: list(self.encode(prompt, a["prompt_embeds"], a, images))}
         if self.needs_negative(policy):
             negative = "" if a["negative_prompt"] is None else a["negative_prompt"]
-            text[NEGATIVE] = list(self.encode(negative, a["negative_prompt_embeds"], a, device))
+            text[NEGATIVE] = list(self.encode(negative, a["negative_prompt_embeds"], a, images))
 
-        height, width = a["height"], a["width"]
-        latents, image_ids = pipe.prepare_latents(batch_size * a["num_images_per_prompt"], 16, height, width,
-                                                  text[PROMPT][0].dtype, device, a["generator"], a["latents"])
+        latents, image_ids, image_latents = self.prepare_latents(
+            a, images, batch_size * a["num_images_per_prompt"], height, width, text[PROMPT][0].dtype, device,
+            text[PROMPT][0].shape[1])
         latents = own_tensor(latents, a["latents"])
         scheduler = self.private_scheduler()
         n_steps = a["num_inference_steps"]
@@ -106,11 +137,14 @@ class LongCatImageAdapter(Adapter):
 
         def run(name: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             embeds, ids = text[policy.branch(name).source]
-            timestep = t.expand(x.shape[0]).to(x.dtype)
+            hidden = x if image_latents is None else torch.cat([x, image_latents], dim=1)
+            timestep = t.expand(hidden.shape[0]).to(x.dtype)
             with branch_forward(transformer, name, policy.branch(name)) as extra:
-                return transformer(hidden_states=x, timestep=timestep / 1000, guidance=None,
-                                   encoder_hidden_states=embeds, txt_ids=ids, img_ids=image_ids, return_dict=False,
-                                   **extra)[0]
+                out = transformer(hidden_states=hidden, timestep=timestep / 1000, guidance=None,
+                                  encoder_hidden_states=embeds, txt_ids=ids, img_ids=image_ids, return_dict=False,
+                                  **extra)[0]
+            # the edit variant's image tokens are sliced off: the prediction covers the generated ones
+            return out if image_latents is None else out[:, : x.size(1)]
 
         def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
             return run_branches(pipe, names, x, step.select(timesteps), run)
@@ -129,3 +163,37 @@ class LongCatImageAdapter(Adapter):
                                 update=stepper, finish=make_finish(pipe, a, decode, module.LongCatImagePipelineOutput,
                                                                    "images"),
                                 step_end=None, prediction_dtype=transformer.dtype)
+
+
+class LongCatImageEditAdapter(LongCatImageAdapter):
+    """LongCatImageEditPipeline: the input image sets a one-megapixel size, its half-size copy is read by the
+    prompt encoder, its latents are appended to every forward's sequence; plain CFG (no renormalisation)."""
+
+    pipeline_classes = ("LongCatImageEditPipeline",)
+
+    def size(self, a: dict[str, Any]) -> tuple[int, int]:
+        image = a["image"]
+        image_size = image[0].size if isinstance(image, list) else image.size
+        width, height = self.module.calculate_dimensions(1024 * 1024, image_size[0] * 1.0 / image_size[1])
+        return height, width
+
+    def rewrite(self, a: dict[str, Any], prompt, device):
+        return prompt
+
+    def prepare_images(self, a: dict[str, Any], height: int, width: int) -> LongCatImages:
+        pipe, image, prompt_image = self.pipe, a["image"], None
+        if image is not None and not (isinstance(image, torch.Tensor) and image.size(1) == pipe.latent_channels):
+            image = pipe.image_processor.resize(image, height, width)
+            prompt_image = pipe.image_processor.resize(image, height // 2, width // 2)
+            image = pipe.image_processor.preprocess(image, height, width)
+        return LongCatImages(image, prompt_image)
+
+    def encode(self, prompt, prompt_embeds, a, images: LongCatImages):
+        return self.pipe.encode_prompt(prompt=prompt, image=images.prompt_image, prompt_embeds=prompt_embeds,
+                                       num_images_per_prompt=a["num_images_per_prompt"])
+
+    def prepare_latents(self, a, images: LongCatImages, batch: int, height: int, width: int, dtype, device,
+                        text_length: int):
+        latents, image_latents, ids, image_ids = self.pipe.prepare_latents(
+            images.image, batch, 16, height, width, dtype, text_length, device, a["generator"], a["latents"])
+        return latents, ids if images.image is None else torch.cat([ids, image_ids], dim=0), image_latents

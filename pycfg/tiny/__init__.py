@@ -26,7 +26,7 @@ from .hunyuanvideo15 import (
     hunyuanvideo15_inputs,
     hunyuanvideo15_pipeline,
 )
-from .longcat import longcat_inputs, longcat_pipeline
+from .longcat import longcat_edit_inputs, longcat_edit_pipeline, longcat_inputs, longcat_pipeline
 from .ltx import ltx_inputs, ltx_pipeline
 from .ltx2 import ltx2_inputs, ltx2_pipeline
 from .qwenimage import QWENIMAGE_CONFIGS, qwen_text_encoder, qwenimage_inputs, qwenimage_pipeline
@@ -64,6 +64,8 @@ __all__ = [
     "zimage_img2img_inputs",
     "longcat_pipeline",
     "longcat_inputs",
+    "longcat_edit_pipeline",
+    "longcat_edit_inputs",
     "hunyuanvideo15_pipeline",
     "hunyuanvideo15_inputs",
     "hunyuanvideo15_i2v_pipeline",
