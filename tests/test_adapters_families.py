@@ -62,6 +62,7 @@ SCENARIOS = [
          call=dict(guidance_scale=4.0, guidance_scale_2=2.0, num_inference_steps=4)),
     dict(WAN_I2V_22, name="wi22_callback", callback="nudge",
          call=dict(guidance_scale=4.0, callback_on_step_end_tensor_inputs=["latents", "negative_prompt_embeds"])),
+    dict(WAN_I2V_22, name="wi22_last_image", inputs_kwargs=dict(last_image=True), call=dict(guidance_scale=4.0)),
     dict(WAN_TI2V, name="wt_cfg_off", call=dict(guidance_scale=1.0)),
     dict(WAN_TI2V, name="wt_cfg", changes="wt_cfg_off", call=dict(guidance_scale=4.0)),
     dict(WAN_TI2V, name="wt_zero_star", guidance=CFGZeroStar(4.0)),
@@ -72,6 +73,8 @@ SCENARIOS = [
          call=dict(guidance_scale=4.0, guidance_scale_2=3.0, num_inference_steps=4)),
     dict(VACE, name="wv_decoded", call=dict(guidance_scale=4.0, conditioning_scale=0.5, output_type="np",
                                             num_inference_steps=2)),
+    dict(VACE, name="wv_reference", inputs_kwargs=dict(reference=True),
+         call=dict(guidance_scale=4.0, output_type="pt", num_inference_steps=2)),
     dict(VACE, name="wv_bad_scale", error=True, call=dict(guidance_scale=4.0, conditioning_scale=[1.0, 1.0, 1.0])),
     # Z-Image: stock batches cond + uncond in one call
     dict(ZIMAGE, name="z_cfg_off", call=dict(guidance_scale=0.0)),

@@ -85,12 +85,15 @@ def wan_i2v_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, mode: st
     return _ready(pipe, dtype)
 
 
-def wan_i2v_inputs(seed: int = 0, batch: int = 1, pos_len: int = 7, neg_len: int = 5,
+def wan_i2v_inputs(seed: int = 0, batch: int = 1, pos_len: int = 7, neg_len: int = 5, last_image: bool = False,
                    dtype: torch.dtype = torch.float32) -> dict:
-    """The Wan text inputs with a 16x16 PIL first frame."""
+    """The Wan text inputs with a 16x16 PIL first frame (and, with ``last_image``, a last one)."""
     from .flux import tiny_image
 
-    return dict(wan_inputs(seed, batch, pos_len, neg_len, dtype), image=tiny_image(seed, (16, 16)))
+    inputs = dict(wan_inputs(seed, batch, pos_len, neg_len, dtype), image=tiny_image(seed, (16, 16)))
+    if last_image:
+        inputs["last_image"] = tiny_image(seed + 1, (16, 16))
+    return inputs
 
 
 def wan_vace_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, two_experts: bool = False,
@@ -114,11 +117,15 @@ def wan_vace_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, two_exp
     return _ready(pipe, dtype)
 
 
-def wan_vace_inputs(seed: int = 0, batch: int = 1, pos_len: int = 7, neg_len: int = 5,
+def wan_vace_inputs(seed: int = 0, batch: int = 1, pos_len: int = 7, neg_len: int = 5, reference: bool = False,
                     dtype: torch.dtype = torch.float32) -> dict:
-    """The Wan text inputs with a 9-frame 16x16 control video and a mask repainting its right half."""
+    """The Wan text inputs with a 9-frame 16x16 control video and a mask repainting its right half (and, with
+    ``reference``, a reference image, which prepends a latent frame)."""
     from .flux import tiny_image, tiny_mask
 
     video = [tiny_image(seed + k, (16, 16)) for k in range(9)]
     mask = [tiny_mask((16, 16)).convert("RGB")] * 9
-    return dict(wan_inputs(seed, batch, pos_len, neg_len, dtype), video=video, mask=mask)
+    inputs = dict(wan_inputs(seed, batch, pos_len, neg_len, dtype), video=video, mask=mask)
+    if reference:
+        inputs["reference_images"] = [tiny_image(seed + 100, (16, 16))]
+    return inputs
