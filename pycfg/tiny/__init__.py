@@ -2,7 +2,9 @@
 
 ``text_encoder`` and ``tokenizer`` are None by default: pass ``prompt_embeds`` (+ masks) directly, as from any
 encoder. ``qwenimage_pipeline(text_encoder=True)`` also builds a tiny Qwen2.5-VL text encoder and a byte-level
-BPE tokenizer in code, so string prompts go through the pipeline's own ``encode_prompt``.
+BPE tokenizer in code, so string prompts go through the pipeline's own ``encode_prompt``. LongCat-Image takes no
+embeds without a prompt string, so its tiny pipelines always carry such an encoder (the edit one with a vision
+tower).
 """
 
 from .cogvideox import cogvideox_inputs, cogvideox_pipeline
