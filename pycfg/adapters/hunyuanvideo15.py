@@ -6,6 +6,10 @@ forward per batch, and the guider combines them. pycfg reads the guider's config
 its batches as pycfg branches: :func:`guider_policy` gives the same branches at every step and the guider's own
 combine arithmetic (``u + s (c - u)``, or ``c + s (c - u)`` with ``use_original_formulation``, then the std
 rescale). The user's guider object is never stepped.
+
+One difference, where stock fails: stock encodes the negative prompt only if its guider, in the state its last
+step left it in, still counts two conditions; after a run that ended outside a ``stop < 1`` window it skips the
+negative and then feeds ``None`` to the uncond forward. Here the negative is encoded whenever a branch reads it.
 """
 
 from __future__ import annotations
