@@ -6,15 +6,20 @@
 
 from . import guidance
 from .adapters import supported_pipelines
+from .adapters.base import Adapter, AdapterCapabilities
 from .api import CompiledPipeline, compile
 from .engine import Engine, EngineError, EngineUnhealthyError, InvalidRequestError, WorkerFailureError
 from .errors import ArgumentMismatchError, ConsistencyError, PycfgError, RankFailureError
+from .options import CompileOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compile",
     "CompiledPipeline",
+    "CompileOptions",
+    "Adapter",
+    "AdapterCapabilities",
     "Engine",
     "EngineError",
     "EngineUnhealthyError",

@@ -80,8 +80,9 @@ def family_requests(rank: int, world: int, family: str) -> dict:
 
 def linear_policies(rank: int, world: int) -> dict:
     """Linear policies other than CFG through cached step runners and the plain fused loop: DynamicCFG (a scale
-    per step, read from device memory) and PAG with only cond and uncond active (the generic LinearPolicy
-    declaration). Returns both results per policy and the runner's counters."""
+    per step, read from device memory), PAG outside its window (the generic LinearPolicy declaration: cond and
+    uncond only) and PAG inside it on two of four steps (three branches, combined in PyTorch with constant
+    weights inside the step). Returns both results per policy and the runner's counters."""
     from pycfg.guidance import PAG, DynamicCFG
 
     pipe = qwenimage_pipeline("tiny")
@@ -89,7 +90,8 @@ def linear_policies(rank: int, world: int) -> dict:
     cached = pycfg.compile(pipe, cfg_parallel_size=world, fused=True)
     cached.step_graphs = StepGraphs("cpu", capture=False)
     policies = {"dynamic": DynamicCFG(4.0, renorm=True),
-                "pag_outside_window": PAG(3.0, 2.0, [0], start=0.0, stop=0.0)}
+                "pag_outside_window": PAG(3.0, 2.0, [0], start=0.0, stop=0.0),
+                "pag": PAG(3.0, 2.0, [0], start=0.0, stop=0.8)}
     out = {}
     for name, policy in policies.items():
         call = dict(qwenimage_inputs("tiny"), true_cfg_scale=4.0, num_inference_steps=4, output_type="latent",

@@ -52,3 +52,5 @@ def test_linear_policies_other_than_cfg_are_captured():
         assert r["stats"]["last_fallback"] is None, (name, r["stats"])
         assert torch.equal(r["cached"], r["plain"]), name
     assert out["dynamic"]["stats"]["replays"] > 0
+    # PAG's three-branch steps are their own captured step
+    assert out["pag"]["stats"]["captures"] > out["pag_outside_window"]["stats"]["captures"]

@@ -36,6 +36,13 @@ def callback_tensor_inputs(callback, names: list[str]) -> list[str]:
     return names
 
 
+def resolve_callback_inputs(a: dict[str, Any]) -> None:
+    """As the stock calls that honour it: a ``PipelineCallback`` names the tensors it reads, overriding
+    ``callback_on_step_end_tensor_inputs``."""
+    a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(a["callback_on_step_end"],
+                                                                     a["callback_on_step_end_tensor_inputs"])
+
+
 def make_step_end(pipe, callback, names: list[str], timesteps, values: Callable[[Any], dict[str, Any]],
                   apply: Callable[[dict[str, Any]], None] | None = None):
     """A ``step_end`` running the pipeline's ``callback_on_step_end`` with the tensors the stock loop offers, or

@@ -85,13 +85,27 @@ class Adapter(ABC):
 
     # -- the hooks the runtime calls ------------------------------------------------------------------------------
 
-    @abstractmethod
     def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments bound (defaults filled in) and validated with the pipeline's own checks.
 
         Raises ``TypeError`` / ``ValueError`` naming the argument before any model runs; never mutates
-        ``kwargs`` or what it holds.
+        ``kwargs`` or what it holds. The stock order: :meth:`bind`, :meth:`complete_args`, :meth:`check_inputs`,
+        then the output type.
         """
+        a = self.bind(kwargs)
+        self.complete_args(a)
+        self.check_inputs(a)
+        check_output_type(a["output_type"])
+        return a
+
+    def complete_args(self, a: dict[str, Any]) -> None:  # noqa: B027  (optional hook: nothing by default)
+        """Fill in, in place, what the stock call derives before it validates (default sizes, ...)."""
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        """The pipeline's own ``check_inputs`` with the stock call's arguments (and any check the stock call
+        makes itself before its first model runs). Every adapter implements it, unless it overrides
+        :meth:`check` as a whole."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither check_inputs nor check")
 
     @abstractmethod
     def default_policy(self, args: dict[str, Any]) -> GuidancePolicy:

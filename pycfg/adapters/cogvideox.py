@@ -26,13 +26,13 @@ from ._common import (
     batched_text_callbacks,
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     prompt_batch_size,
+    resolve_callback_inputs,
     run_branches,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, own_tensor
 
 
 class CogVideoXUpdate:
@@ -82,19 +82,18 @@ class CogVideoXUpdate:
 class CogVideoXAdapter(Adapter):
     pipeline_classes = ("CogVideoXPipeline",)
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def complete_args(self, a: dict[str, Any]) -> None:
         pipe = self.pipe
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
+        resolve_callback_inputs(a)
         config = pipe.transformer.config
         a["height"] = a["height"] or config.sample_height * pipe.vae_scale_factor_spatial
         a["width"] = a["width"] or config.sample_width * pipe.vae_scale_factor_spatial
         a["num_frames"] = a["num_frames"] or config.sample_frames
         # stock ignores the argument: one video per prompt
         a["num_videos_per_prompt"] = 1
-        pipe.check_inputs(
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             a["prompt"],
             a["height"],
             a["width"],
@@ -103,8 +102,6 @@ class CogVideoXAdapter(Adapter):
             a["prompt_embeds"],
             a["negative_prompt_embeds"],
         )
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if a["guidance_scale"] <= 1.0:

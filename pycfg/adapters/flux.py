@@ -7,7 +7,8 @@ requests (the ``guidance`` embedding only) run the single ``cond`` branch.
 
 A request runs these hooks, in order, each filling fields of one :class:`FluxRequest`:
 
-1. :meth:`~FluxAdapter.default_size` and :meth:`~FluxAdapter.check_inputs` (from ``check``);
+1. :meth:`~FluxAdapter.default_size` (from ``complete_args``) and :meth:`~FluxAdapter.check_inputs` (from the
+   contract's ``check``);
 2. :meth:`~FluxAdapter.prepare_images`: the variant's input image(s) (text to image: none);
 3. the texts (``encode_prompt``), then :meth:`~FluxAdapter.prepare_latents_and_timesteps`: by default
    :meth:`prepare_latents` (noise, position ids, image tokens a forward appends) then :meth:`prepare_timesteps`;
@@ -37,7 +38,7 @@ from ._common import (
     prompt_batch_size,
     require_negative,
 )
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 
 @dataclass
@@ -77,11 +78,21 @@ class FluxAdapter(Adapter):
 
     # -- check ----------------------------------------------------------------------------------------------------
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        a = self.bind(kwargs)
+    def complete_args(self, a: dict[str, Any]) -> None:
         self.default_size(a)
-        self.check_inputs(a)
-        # stock raises this one from __call__ itself, after check_inputs
+
+    def default_size(self, a: dict[str, Any]) -> None:
+        """Fill ``height`` / ``width`` as the stock call does before its checks."""
+        default_size(self.pipe, a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        """The pipeline's own ``check_inputs`` with this pipeline's arguments, then the check its ``__call__``
+        makes itself."""
+        self.pipe.check_inputs(a["prompt"], a["prompt_2"], a["height"], a["width"], **self.text_check_kwargs(a))
+        self.check_embeds_shapes(a)
+
+    def check_embeds_shapes(self, a: dict[str, Any]) -> None:
+        """Stock (text to image, Kontext) raises this one from ``__call__`` itself, after ``check_inputs``."""
         if self._true_cfg(a) and a["prompt_embeds"] is not None and a["negative_prompt_embeds"] is not None:
             if a["prompt_embeds"].shape != a["negative_prompt_embeds"].shape:
                 raise ValueError(
@@ -89,16 +100,6 @@ class FluxAdapter(Adapter):
                     f" got: `prompt_embeds` {a['prompt_embeds'].shape} != `negative_prompt_embeds`"
                     f" {a['negative_prompt_embeds'].shape}."
                 )
-        check_output_type(a["output_type"])
-        return a
-
-    def default_size(self, a: dict[str, Any]) -> None:
-        """Fill ``height`` / ``width`` as the stock call does before its checks."""
-        default_size(self.pipe, a)
-
-    def check_inputs(self, a: dict[str, Any]) -> None:
-        """The pipeline's own ``check_inputs`` with this pipeline's arguments."""
-        self.pipe.check_inputs(a["prompt"], a["prompt_2"], a["height"], a["width"], **self.text_check_kwargs(a))
 
     @staticmethod
     def text_check_kwargs(a: dict[str, Any]) -> dict[str, Any]:

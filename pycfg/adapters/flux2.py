@@ -21,13 +21,13 @@ from ..steps import StepIndex
 from ._common import (
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     prompt_batch_size,
+    resolve_callback_inputs,
     run_branches,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, own_tensor
 
 
 class Flux2KleinAdapter(Adapter):
@@ -35,19 +35,17 @@ class Flux2KleinAdapter(Adapter):
 
     pipeline_classes = ("Flux2KleinPipeline",)
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
         pipe = self.pipe
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"])
         pipe.check_inputs(prompt=a["prompt"], height=a["height"], width=a["width"], prompt_embeds=a["prompt_embeds"],
                           callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
                           guidance_scale=a["guidance_scale"])
         images = a["image"] if isinstance(a["image"], list) else [a["image"]] if a["image"] is not None else []
         for image in images:
             pipe.image_processor.check_image_input(image)
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if a["guidance_scale"] > 1 and not self.pipe.config.is_distilled:

@@ -19,26 +19,24 @@ from ..steps import StepIndex
 from ._common import (
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     prompt_batch_size,
     require_negative,
+    resolve_callback_inputs,
     run_branches,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, own_tensor
 
 
 class HunyuanVideoAdapter(Adapter):
     pipeline_classes = ("HunyuanVideoPipeline",)
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
-        pipe.check_inputs(
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             a["prompt"],
             a["prompt_2"],
             a["height"],
@@ -47,8 +45,6 @@ class HunyuanVideoAdapter(Adapter):
             a["callback_on_step_end_tensor_inputs"],
             a["prompt_template"],
         )
-        check_output_type(a["output_type"])
-        return a
 
     @staticmethod
     def _has_negative(a) -> bool:

@@ -24,7 +24,7 @@ from ..guidance.base import NEGATIVE, PROMPT, Prediction
 from ..runtime.job import Job
 from ..steps import StepIndex
 from ._common import begin_call, branch_forward, make_finish, prompt_batch_size, run_branches
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, own_tensor
 
 TEXT_INPUTS = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
 
@@ -96,14 +96,11 @@ class HunyuanVideo15Adapter(Adapter):
 
     # -- the family -------------------------------------------------------------------------------------------
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        a = self.bind(kwargs)
+    def check_inputs(self, a: dict[str, Any]) -> None:
         negatives = {f"negative_{name}": a[f"negative_{name}"] for name in TEXT_INPUTS}
         self.pipe.check_inputs(prompt=a["prompt"], negative_prompt=a["negative_prompt"],
                                **{name: a[name] for name in TEXT_INPUTS}, **negatives,
                                **self.check_variant_inputs(a))
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         return guider_policy(self.pipe.guider)

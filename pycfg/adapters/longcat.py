@@ -19,7 +19,7 @@ from ..guidance.base import NEGATIVE, PROMPT, KernelGuidance, Prediction
 from ..runtime.job import Job
 from ..steps import StepIndex
 from ._common import begin_call, branch_forward, default_size, make_finish, prompt_batch_size, run_branches
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, own_tensor
 
 
 class LongCatCFG(CFG):
@@ -88,13 +88,12 @@ class LongCatImageAdapter(Adapter):
 
     # -- the family -------------------------------------------------------------------------------------------
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        a = self.bind(kwargs)
+    def complete_args(self, a: dict[str, Any]) -> None:
         a["size"] = self.size(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
         self.pipe.check_inputs(a["prompt"], *a["size"], negative_prompt=a["negative_prompt"],
                                prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"])
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if not a["guidance_scale"] > 1:

@@ -21,13 +21,13 @@ from ._common import (
     batched_text_callbacks,
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     prompt_batch_size,
+    resolve_callback_inputs,
     run_branches,
 )
-from .base import Adapter, check_output_type, own_tensor
+from .base import Adapter, own_tensor
 
 
 class LTXGuidance(GuidancePolicy):
@@ -39,6 +39,7 @@ class LTXGuidance(GuidancePolicy):
 
     branches = ("cond", "uncond")
     linear = True
+    constant_weights = True
 
     def __init__(self, scale: float, rescale: float, rescale_fn: Callable) -> None:
         self.scale = scale
@@ -95,13 +96,11 @@ def decode_noise(module, vae, x: torch.Tensor, a: dict[str, Any], batch_size: in
 class LTXAdapter(Adapter):
     pipeline_classes = ("LTXPipeline",)
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
-        pipe.check_inputs(
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             prompt=a["prompt"],
             height=a["height"],
             width=a["width"],
@@ -111,8 +110,6 @@ class LTXAdapter(Adapter):
             prompt_attention_mask=a["prompt_attention_mask"],
             negative_prompt_attention_mask=a["negative_prompt_attention_mask"],
         )
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if a["guidance_scale"] > 1.0:

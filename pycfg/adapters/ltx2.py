@@ -28,8 +28,8 @@ from ..guidance.base import NEGATIVE, PROMPT, Prediction, outputs_of
 from ..guidance.perturb import ForwardKwargs, perturbed
 from ..runtime.job import Job, Update
 from ..steps import StepIndex
-from ._common import batch_groups, begin_call, callback_tensor_inputs, make_step_end, prompt_batch_size
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from ._common import batch_groups, begin_call, make_step_end, prompt_batch_size, resolve_callback_inputs
+from .base import Adapter, AdapterCapabilities, own_tensor
 from .ltx import decode_noise
 
 #: branch names of the default policy, in the order the stock loop runs them
@@ -134,14 +134,12 @@ class LTX2Adapter(Adapter):
     #: the x0 conversion reads the step's sigma on the host: steps are never captured
     capabilities = AdapterCapabilities(batchable=True, outputs=2)
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
         _resolve_audio(a)
-        pipe.check_inputs(
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             prompt=a["prompt"],
             height=a["height"],
             width=a["width"],
@@ -159,8 +157,6 @@ class LTX2Adapter(Adapter):
             min_seconds=a["min_seconds"],
             max_seconds=a["max_seconds"],
         )
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any]) -> LTX2Guidance:
         return ltx2_policy(

@@ -3,7 +3,8 @@
 :class:`QwenImageAdapter` serves ``QwenImagePipeline`` (text to image) and is the base of every Qwen-Image
 variant. A request runs these hooks, in order, each filling fields of one :class:`QwenRequest`:
 
-1. :meth:`~QwenImageAdapter.check_inputs` (from ``check``): the pipeline's own ``check_inputs``;
+1. :meth:`~QwenImageAdapter.default_size` and :meth:`~QwenImageAdapter.check_inputs` (from ``check``): sizes,
+   then the pipeline's own ``check_inputs``;
 2. :meth:`~QwenImageAdapter.prepare_images`: input images (edit, img2img, inpaint: resize and preprocess);
 3. :meth:`~QwenImageAdapter.encode_texts`: ``encode_prompt`` for the prompt and, when a branch reads it, the
    negative prompt, with :meth:`~QwenImageAdapter.prompt_kwargs` (edit pipelines add the image);
@@ -32,7 +33,7 @@ from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
 from ..steps import StepIndex
 from ._common import batch_groups, begin_call, branch_forward, default_size, prompt_batch_size, require_negative
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 #: text inputs of one source: (embeddings, mask or None)
 Text = tuple[torch.Tensor, "torch.Tensor | None"]
@@ -87,16 +88,11 @@ class QwenImageAdapter(Adapter):
 
     # -- check ----------------------------------------------------------------------------------------------------
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Bind and validate with the pipeline's own ``check_inputs``; no model runs here."""
-        a = self.bind(kwargs)
+    def complete_args(self, a: dict[str, Any]) -> None:
         self.default_size(a)
-        self.check_inputs(a)
         if not isinstance(a["num_inference_steps"], int) or a["num_inference_steps"] < 1:
             if a.get("sigmas") is None:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {a['num_inference_steps']!r}")
-        check_output_type(a["output_type"])
-        return a
 
     def default_size(self, a: dict[str, Any]) -> None:
         """Fill ``height`` / ``width`` as the stock call does before its checks."""

@@ -24,14 +24,14 @@ from ._common import (
     batched_text_callbacks,
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     default_size,
     make_finish,
     make_step_end,
     prompt_batch_size,
     require_negative,
+    resolve_callback_inputs,
 )
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 
 class SD3Guidance(GuidancePolicy):
@@ -44,6 +44,8 @@ class SD3Guidance(GuidancePolicy):
     """
 
     linear = True
+    #: the weights depend on the step only through whether the skip branch runs
+    constant_weights = True
 
     def __init__(self, scale: float, skip_layers: list[int] | None = None, skip_scale: float = 2.8,
                  skip_start: float = 0.01, skip_stop: float = 0.2, num_inference_steps: int | None = None) -> None:
@@ -109,14 +111,12 @@ class StableDiffusion3Adapter(Adapter):
                           "return_dict"),
     )
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        pipe = self.pipe
-        a = self.bind(kwargs)
-        default_size(pipe, a)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
-        pipe.check_inputs(
+    def complete_args(self, a: dict[str, Any]) -> None:
+        default_size(self.pipe, a)
+        resolve_callback_inputs(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        self.pipe.check_inputs(
             a["prompt"],
             a["prompt_2"],
             a["prompt_3"],
@@ -134,8 +134,6 @@ class StableDiffusion3Adapter(Adapter):
         )
         if a["ip_adapter_image"] is not None or a["ip_adapter_image_embeds"] is not None:
             raise NotImplementedError("pycfg's StableDiffusion3Pipeline adapter does not support IP-Adapter inputs yet")
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:
         if a["guidance_scale"] <= 1:

@@ -8,9 +8,10 @@ follows it in :class:`StepScaledCFG`, whose per-step scales are decided on the h
 the same comparison as stock.
 
 A request runs these hooks, each filling fields of one :class:`WanRequest`: :meth:`~WanAdapter.check_inputs`
-(from ``check``), :meth:`~WanAdapter.fit_size`, the texts, the schedule, :meth:`~WanAdapter.prepare_latents`
-(variants: the conditioning too), then per step :meth:`~WanAdapter.model_input` and the branch forwards with
-``req.forward_kwargs``, and at the end :meth:`~WanAdapter.final_latents` and :meth:`~WanAdapter.decode`.
+(from the contract's ``check``), :meth:`~WanAdapter.fit_size`, the texts, the schedule,
+:meth:`~WanAdapter.prepare_latents` (variants: the conditioning too), then per step
+:meth:`~WanAdapter.model_input` and the branch forwards with ``req.forward_kwargs``, and at the end
+:meth:`~WanAdapter.final_latents` and :meth:`~WanAdapter.decode`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from ._common import (
     batch_groups,
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     prompt_batch_size,
     require_negative,
+    resolve_callback_inputs,
 )
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 WAN_VALUE_ARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
                   "guidance_scale", "guidance_scale_2", "output_type", "return_dict")
@@ -81,14 +82,8 @@ class WanAdapter(Adapter):
 
     # -- check ----------------------------------------------------------------------------------------------------
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        a = self.bind(kwargs)
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"]
-        )
-        self.check_inputs(a)
-        check_output_type(a["output_type"])
-        return a
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
 
     def check_inputs(self, a: dict[str, Any]) -> None:
         """The pipeline's own ``check_inputs`` with this pipeline's arguments."""
@@ -233,14 +228,15 @@ class WanAdapter(Adapter):
         first_expert = [bool(boundary_timestep is None or t >= boundary_timestep) for t in timesteps]
 
         attention_kwargs = a["attention_kwargs"]
+        # the cache context's per-step values, read on the host once (never a device read inside a step)
+        sigmas = [float(sigma) for sigma in scheduler.sigmas[: len(timesteps)]]
 
         def forward(names: tuple[str, ...], x: torch.Tensor, step: StepIndex, batched: bool) -> list[torch.Tensor]:
             # the expert is a host choice: runs that switch experts are never captured (not_graphable below)
             t = step.select(timesteps)
             model = transformer if first_expert[step.i] else transformer_2
             pipe._current_timestep = t
-            cache_kwargs = {"step_index": step.i, "sigma": float(scheduler.sigmas[step.i]),
-                            "num_inference_steps": len(timesteps)}
+            cache_kwargs = {"step_index": step.i, "sigma": sigmas[step.i], "num_inference_steps": len(timesteps)}
             preds: dict[str, torch.Tensor] = {}
             for group in batch_groups(names, batched, batch_key):
                 n, spec = len(group), policy.branch(group[0])

@@ -28,13 +28,13 @@ from ._common import (
     batch_groups,
     begin_call,
     branch_forward,
-    callback_tensor_inputs,
     make_finish,
     make_step_end,
     require_negative,
+    resolve_callback_inputs,
 )
 from ._pipeline_view import with_scheduler
-from .base import Adapter, AdapterCapabilities, check_output_type, own_tensor
+from .base import Adapter, AdapterCapabilities, own_tensor
 
 
 def clamp_to_cond_norm(comb: torch.Tensor, cond: torch.Tensor, factor: float) -> torch.Tensor:
@@ -124,9 +124,12 @@ class ZImageAdapter(Adapter):
                                config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                config.get("max_shift", 1.15))
 
-    def check(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def complete_args(self, a: dict[str, Any]) -> None:
+        resolve_callback_inputs(a)
+
+    def check_inputs(self, a: dict[str, Any]) -> None:
+        # Z-Image has no check_inputs: these are the checks its __call__ makes before the first model runs
         pipe = self.pipe
-        a = self.bind(kwargs)
         self.check_variant(a)
         height, width = self.size(a)
         vae_scale = pipe.vae_scale_factor * 2
@@ -139,15 +142,11 @@ class ZImageAdapter(Adapter):
                 and a["negative_prompt_embeds"] is None:
             raise ValueError("When `prompt_embeds` is provided without `prompt`, "
                              "`negative_prompt_embeds` must also be provided for classifier-free guidance.")
-        a["callback_on_step_end_tensor_inputs"] = callback_tensor_inputs(
-            a["callback_on_step_end"], a["callback_on_step_end_tensor_inputs"])
         unknown = [k for k in a["callback_on_step_end_tensor_inputs"] if k not in pipe._callback_tensor_inputs]
         if unknown and a["callback_on_step_end"] is not None:
             # stock reads them only when it calls the callback, failing at the first step: fail before it
             raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {pipe._callback_tensor_inputs}, "
                              f"but found {unknown}")
-        check_output_type(a["output_type"])
-        return a
 
     def default_policy(self, a: dict[str, Any], timesteps=None) -> GuidancePolicy:
         scale = a["guidance_scale"]

@@ -22,6 +22,8 @@ class _PerturbedGuidance(LinearPolicy):
 
     perturbed_name = "perturbed"
     scale_label = "perturbed_scale"
+    #: the weights depend on the step only through which branches are active
+    constant_weights = True
 
     def __init__(
         self,
@@ -187,6 +189,9 @@ class MultiBranch(LinearPolicy):
     each output its own weight; ``rescale`` (a number or one per output) applies ``rescale_noise_cfg`` against
     the base's output. CFG with scale ``w`` is the term ``Term("uncond", w - 1)``.
     """
+
+    #: the weights depend on the step only through which terms are active
+    constant_weights = True
 
     def __init__(
         self,

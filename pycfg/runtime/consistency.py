@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentMismatchError, ConsistencyError
+from ..parallel.comm import Communicator
 
 
 def describe_value(value: Any) -> Any:
@@ -41,7 +42,7 @@ def fingerprint(arguments: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     return hashlib.sha256(repr(described).encode()).digest(), described
 
 
-def check_same_arguments(comm, arguments: dict[str, Any]) -> None:
+def check_same_arguments(comm: Communicator, arguments: dict[str, Any]) -> None:
     """One small all-gather; on a mismatch every rank raises, naming the arguments that differ."""
     if comm.size == 1:
         return
@@ -71,7 +72,7 @@ def checksum(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([data.sum(), (data * weights).sum()])
 
 
-def check_ranks_agree(comm, step: int, tensors: dict[str, torch.Tensor]) -> None:
+def check_ranks_agree(comm: Communicator, step: int, tensors: dict[str, torch.Tensor]) -> None:
     """Raise on every rank, naming the step and tensor, if any rank's tensors differ in any bit."""
     if comm.size == 1 or not tensors:
         return

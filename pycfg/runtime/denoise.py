@@ -3,6 +3,11 @@
 Per step: the policy names the active branches; each rank runs the forwards dispatched to it (none on an idle
 rank); one collective makes every prediction (``gather``) or the weighted sum (``reduce``) available on every
 rank; every rank then computes the same guided prediction and the same scheduler update from the same bits.
+
+There is one loop (:func:`denoise`): reset, progress bar, interruption, timing and the final synchronisation.
+How it runs a step is a :class:`StepStrategy`: :class:`EagerSteps` here, or
+:class:`pycfg.runtime.graphs.ReplaySteps`, which replays captured steps. Both run the same step code,
+:func:`run_step`.
 """
 
 from __future__ import annotations
