@@ -5,7 +5,11 @@ from __future__ import annotations
 from .base import Adapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2KleinAdapter
+from .flux_variants import FluxImg2ImgAdapter, FluxInpaintAdapter, FluxKontextAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
+from .hunyuanvideo15 import HunyuanVideo15Adapter, HunyuanVideo15ImageToVideoAdapter
+from .longcat import LongCatImageAdapter, LongCatImageEditAdapter
 from .ltx import LTXAdapter
 from .ltx2 import LTX2Adapter
 from .qwenimage import QwenImageAdapter
@@ -15,6 +19,8 @@ from .qwenimage_img2img import QwenImageEditInpaintAdapter, QwenImageImg2ImgAdap
 from .qwenimage_layered import QwenImageLayeredAdapter
 from .sd3 import StableDiffusion3Adapter
 from .wan import WanAdapter
+from .wan_variants import WanImageToVideoAdapter, WanVACEAdapter
+from .zimage import ZImageAdapter, ZImageImg2ImgAdapter
 
 ADAPTERS = [
     QwenImageAdapter,
@@ -26,12 +32,24 @@ ADAPTERS = [
     QwenImageLayeredAdapter,
     QwenImage21Adapter,
     FluxAdapter,
+    FluxKontextAdapter,
+    FluxImg2ImgAdapter,
+    FluxInpaintAdapter,
     StableDiffusion3Adapter,
     WanAdapter,
+    WanImageToVideoAdapter,
+    WanVACEAdapter,
     LTXAdapter,
     LTX2Adapter,
     CogVideoXAdapter,
     HunyuanVideoAdapter,
+    ZImageAdapter,
+    ZImageImg2ImgAdapter,
+    LongCatImageAdapter,
+    LongCatImageEditAdapter,
+    Flux2KleinAdapter,
+    HunyuanVideo15Adapter,
+    HunyuanVideo15ImageToVideoAdapter,
 ]
 
 

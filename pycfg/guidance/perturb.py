@@ -55,6 +55,10 @@ BLOCK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "CogVideoXBlock": ("hidden_states", "encoder_hidden_states"),
     "HunyuanVideoTransformerBlock": ("hidden_states", "encoder_hidden_states"),
     "HunyuanVideoSingleTransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "HunyuanVideo15TransformerBlock": ("hidden_states", "encoder_hidden_states"),
+    "LongCatImageTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "LongCatImageSingleTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "Flux2TransformerBlock": ("encoder_hidden_states", "hidden_states"),
     "BasicTransformerBlock": ("hidden_states",),
 }
 

@@ -43,3 +43,67 @@ def flux_inputs(seed: int = 0, batch: int = 1, length: int = 6, neg_length: int 
         height=32,
         width=32,
     )
+
+
+def _flux_variant(pipeline_class: str, seed: int, dtype: torch.dtype, guidance_embeds: bool, scheduler):
+    import diffusers
+
+    base = flux_pipeline(seed, torch.float32, guidance_embeds, scheduler)
+    pipe = getattr(diffusers, pipeline_class)(**base.components)
+    return _ready(pipe, dtype)
+
+
+def flux_kontext_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, guidance_embeds: bool = False,
+                          scheduler=None):
+    """A FluxKontextPipeline on the tiny Flux components: the input image's tokens join the sequence."""
+    return _flux_variant("FluxKontextPipeline", seed, dtype, guidance_embeds, scheduler)
+
+
+def flux_img2img_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, guidance_embeds: bool = False,
+                          scheduler=None):
+    """A FluxImg2ImgPipeline on the tiny Flux components."""
+    return _flux_variant("FluxImg2ImgPipeline", seed, dtype, guidance_embeds, scheduler)
+
+
+def flux_inpaint_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, guidance_embeds: bool = False,
+                          scheduler=None):
+    """A FluxInpaintPipeline on the tiny Flux components."""
+    return _flux_variant("FluxInpaintPipeline", seed, dtype, guidance_embeds, scheduler)
+
+
+def tiny_image(seed: int = 0, size: tuple[int, int] = (32, 32)):
+    """A random RGB PIL image of ``size`` (width, height)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed + 2000)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def tiny_mask(size: tuple[int, int] = (32, 32)):
+    """A PIL mask of ``size`` (width, height): white (repaint) on the right half, black (keep) on the left."""
+    from PIL import Image
+
+    pixels = torch.zeros(size[1], size[0], dtype=torch.uint8)
+    pixels[:, size[0] // 2:] = 255
+    return Image.fromarray(pixels.numpy(), mode="L")
+
+
+def flux_kontext_inputs(seed: int = 0, batch: int = 1, length: int = 6, image_size: tuple[int, int] = (24, 32),
+                        dtype: torch.dtype = torch.float32) -> dict:
+    """The Flux embeds with a PIL input image (kept at its size: no preferred-resolution resizing) and a 32x32
+    generation area."""
+    return dict(flux_inputs(seed, batch, length, dtype=dtype), image=tiny_image(seed, image_size),
+                max_area=32 * 32, _auto_resize=False)
+
+
+def flux_img2img_inputs(seed: int = 0, batch: int = 1, length: int = 6, strength: float = 0.7,
+                        dtype: torch.dtype = torch.float32) -> dict:
+    """The Flux embeds with a 32x32 PIL input image; ``strength < 1`` so the image shapes the output."""
+    return dict(flux_inputs(seed, batch, length, dtype=dtype), image=tiny_image(seed), strength=strength)
+
+
+def flux_inpaint_inputs(seed: int = 0, batch: int = 1, length: int = 6, strength: float = 0.7,
+                        dtype: torch.dtype = torch.float32) -> dict:
+    """The Flux img2img inputs with a mask repainting the right half."""
+    return dict(flux_img2img_inputs(seed, batch, length, strength, dtype), mask_image=tiny_mask())
