@@ -18,7 +18,7 @@ $(VENV)/.ready: pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q scikit-build-core pybind11
 	# --no-build-isolation: build the extension against the venv's own pybind11, with no second download
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,serve]"
 	$(PY) -c "import pycfg; from pycfg.parallel.nccl import unavailable_reason as r; print('pycfg', pycfg.__version__, '| NCCL extension:', r() or 'ready')"
 	touch $@
 

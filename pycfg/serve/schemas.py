@@ -1,0 +1,164 @@
+"""Request bodies of the OpenAI-compatible endpoints and what each becomes as pipeline arguments.
+
+OpenAI's fields (``model``, ``prompt``, ``n``, ``size``, ``response_format``, ``user``) sit beside the pipeline's
+own (``negative_prompt``, ``true_cfg_scale`` / ``guidance_scale``, ``num_inference_steps``, ``seed``), all in one
+JSON body (what OpenAI clients send as ``extra_body``) or one multipart form. Unknown fields are refused, naming
+them. Only the fields a client sets reach the pipeline; the rest keep the pipeline's own defaults.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import APIError, invalid
+from .models import ModelSpec
+
+MAX_SEED = 2**63 - 1
+_SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds every request must keep, checked before the request reaches the engine (400 naming the field)."""
+
+    max_pixels: int = 1024 * 1024  # width * height of one image or frame
+    max_images: int = 4  # n
+    max_steps: int = 100  # num_inference_steps
+    max_frames: int = 129  # num_frames
+    max_prompt_chars: int = 4000  # prompt and negative_prompt, each
+    max_input_images: int = 4  # image files of one edit request
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    response_format: str | None = None
+    user: str | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=0)
+    num_inference_steps: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+
+class ImageGenerationRequest(_Request):
+    """``POST /v1/images/generations`` (JSON)."""
+
+
+class ImageEditRequest(_Request):
+    """``POST /v1/images/edits`` (multipart form; the ``image`` and ``mask`` files travel beside these fields)."""
+
+    strength: float | None = Field(None, ge=0, le=1)
+
+
+class VideoRequest(_Request):
+    """``POST /v1/videos`` (JSON). ``response_format``: ``"mp4"`` (default) or ``"png_frames"``."""
+
+    num_frames: int | None = Field(None, ge=1)
+    fps: int | None = Field(None, ge=1, le=120)
+
+
+def parse(model: type[_Request], data: Any) -> _Request:
+    """Validate ``data`` as ``model``; a 400 naming the first offending field otherwise."""
+    if not isinstance(data, dict):
+        raise invalid("The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors(include_url=False, include_input=False)[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            allowed = ", ".join(model.model_fields)
+            message = f"Unknown field {param!r}; allowed: {allowed}."
+        elif first["type"] == "missing":
+            message = f"Missing required field {param!r}."
+        else:
+            message = f"Invalid value for {param!r}: {message}."
+        raise invalid(message, param=param) from None
+
+
+def _size(spec: ModelSpec, size: str | None, limits: RequestLimits) -> tuple[int, int] | None:
+    if size is None or size == "auto":
+        return spec.default_size
+    match = _SIZE.match(size)
+    if not match:
+        raise invalid(f"Invalid size {size!r}: expected 'WIDTHxHEIGHT' such as '1024x1024', or 'auto'.", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    m = spec.size_multiple
+    if width % m or height % m:
+        raise invalid(f"Invalid size {size!r}: width and height must be multiples of {m} for this model.", "size")
+    if width * height > limits.max_pixels:
+        raise invalid(f"Invalid size {size!r}: at most {limits.max_pixels} pixels per image.", "size")
+    return width, height
+
+
+def pipeline_arguments(spec: ModelSpec, req: _Request, limits: RequestLimits) -> dict[str, Any]:
+    """The pipeline keyword arguments of a validated request (plus ``generator``); 400 for values past a limit.
+
+    ``seed`` becomes ``torch.Generator("cpu").manual_seed(seed)``: the image equals the stock pipeline's for the
+    same arguments and that generator. Without a seed, a random one is drawn (and reported in the response).
+    """
+    import torch
+
+    if req.model is not None and req.model != spec.name:
+        raise APIError(404, f"The model {req.model!r} does not exist; this server serves {spec.name!r}.",
+                       param="model", code="model_not_found")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise invalid(f"{name} is longer than {limits.max_prompt_chars} characters.", name)
+    if req.n > limits.max_images:
+        raise invalid(f"n must be at most {limits.max_images}, got {req.n}.", "n")
+    if req.num_inference_steps is not None and req.num_inference_steps > limits.max_steps:
+        raise invalid(f"num_inference_steps must be at most {limits.max_steps}, got {req.num_inference_steps}.",
+                      "num_inference_steps")
+    kwargs: dict[str, Any] = {"prompt": req.prompt}
+    for name in ("negative_prompt", "true_cfg_scale", "guidance_scale", "num_inference_steps"):
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = value
+    size = _size(spec, req.size, limits)
+    if size is not None:
+        kwargs["width"], kwargs["height"] = size
+    seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    kwargs["output_type"] = "pil"
+    if isinstance(req, VideoRequest):
+        kwargs["num_videos_per_prompt"] = req.n
+        frames = req.num_frames if req.num_frames is not None else spec.default_frames
+        if frames is not None:
+            if frames > limits.max_frames:
+                raise invalid(f"num_frames must be at most {limits.max_frames}, got {frames}.", "num_frames")
+            if (frames - 1) % spec.frame_multiple:
+                raise invalid(f"num_frames - 1 must be a multiple of {spec.frame_multiple} for this model, got "
+                              f"{frames}.", "num_frames")
+            kwargs["num_frames"] = frames
+    else:
+        kwargs["num_images_per_prompt"] = req.n
+    if isinstance(req, ImageEditRequest) and req.strength is not None:
+        kwargs["strength"] = req.strength
+    return kwargs
+
+
+# pipeline argument -> the request field a client knows it by
+API_FIELD = {"height": "size", "width": "size", "num_images_per_prompt": "n", "num_videos_per_prompt": "n",
+             "mask_image": "mask", "generator": "seed"}
+
+
+def seed_of(kwargs: dict[str, Any]) -> int:
+    return kwargs["generator"].initial_seed()

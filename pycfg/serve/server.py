@@ -1,0 +1,123 @@
+"""`pycfg serve`: parse the command line, start the Engine, serve the app with uvicorn until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .models import DEFAULT_MODEL, TINY_MODELS, load_model_spec
+from .schemas import RequestLimits  # needs the 'serve' extra (pydantic, through FastAPI)
+
+logger = logging.getLogger("pycfg.serve")
+
+API_KEY_ENV = "PYCFG_API_KEY"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pycfg serve",
+        description="Serve a diffusers pipeline, CFG-parallel, behind OpenAI's Images API "
+                    "(/v1/images/generations, /v1/images/edits), /v1/videos, /v1/models, /health and /metrics.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"a local diffusers model folder (loaded offline), or a built-in tiny random-weight model: "
+                        f"{', '.join(TINY_MODELS)} (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="torch dtype of a model folder's weights (default: as saved)")
+    p.add_argument("--cfg-parallel-size", type=int, default=2, help="worker processes (ranks) in the CFG group")
+    p.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="one device per rank, e.g. cuda:0 cuda:1 (default: one GPU per rank when there are "
+                        "enough, else the CPU)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1 and /metrics (default: ${API_KEY_ENV})")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait behind the running one; more get 429 (default 16)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections past which new requests get 503 (default 1024)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    limits = p.add_argument_group("request limits (400 past them)")
+    defaults = RequestLimits()
+    limits.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="width*height per image")
+    limits.add_argument("--max-images", type=int, default=defaults.max_images, help="n per request")
+    limits.add_argument("--max-steps", type=int, default=defaults.max_steps, help="num_inference_steps")
+    limits.add_argument("--max-frames", type=int, default=defaults.max_frames, help="num_frames of a video")
+    limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
+    limits.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                        help="request body size (413 past it; default 16 MiB)")
+    limits.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds one request may run before its workers are restarted (default 600)")
+
+    engine = p.add_argument_group("engine and compile options")
+    engine.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds a collective waits for a failed peer (default 60)")
+    engine.add_argument("--startup-timeout", type=float, default=600.0,
+                        help="seconds for the workers to load and compile (default 600)")
+    engine.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
+    engine.add_argument("--exchange", choices=["gather", "reduce"], default="gather")
+    engine.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                        help="the fused combine + scheduler kernel (auto: on CUDA only)")
+    engine.add_argument("--comm", choices=["auto", "nccl-ext", "torch"], default="auto")
+    engine.add_argument("--compile-transformer", action="store_true", help="torch.compile the branch forwards")
+    engine.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    return p
+
+
+def _tristate(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    import uvicorn
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:%(name)s: %(message)s")
+
+    import pycfg
+
+    from .app import ServeSettings, create_app
+    from .transport import BodyLimit, HeaderTimeoutH11Protocol
+
+    try:
+        spec = load_model_spec(args.model, args.dtype)
+        limits = RequestLimits(max_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
+                               max_frames=args.max_frames, max_prompt_chars=args.max_prompt_chars)
+        settings = ServeSettings(api_key=args.api_key or None, max_queue=args.max_queue,
+                                 max_body_bytes=args.max_body_bytes, limits=limits)
+    except ValueError as err:
+        print(f"pycfg serve: {err}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        logger.warning("listening on %s with no --api-key: anyone who reaches this address can use the server "
+                       "and its devices; set --api-key (or $%s)", args.host, API_KEY_ENV)
+
+    compile_options = {"exchange": args.exchange, "fused": _tristate(args.fused), "comm": args.comm,
+                       "compile_transformer": args.compile_transformer, "cuda_graphs": _tristate(args.cuda_graphs)}
+    logger.info("starting %d worker(s) for %s (%s)", args.cfg_parallel_size, spec.name, spec.pipeline_class)
+    try:
+        engine = pycfg.Engine(spec.factory, cfg_parallel_size=args.cfg_parallel_size, devices=args.devices,
+                              timeout=args.timeout, auto_restart=True, request_timeout=args.request_timeout,
+                              startup_timeout=args.startup_timeout, worker_threads=args.worker_threads,
+                              **compile_options)
+    except (ValueError, TypeError) as err:
+        print(f"pycfg serve: {err}", file=sys.stderr)
+        return 2
+    except pycfg.PycfgError as err:
+        print(f"pycfg serve: the engine did not start: {err}", file=sys.stderr)
+        return 1
+    try:
+        engine.warmup()
+        app = BodyLimit(create_app(engine, spec, settings), settings.max_body_bytes, settings.body_timeout)
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, http=HeaderTimeoutH11Protocol.with_timeout(10.0), lifespan="off",
+            log_level=args.log_level, limit_concurrency=args.max_connections, timeout_keep_alive=5,
+            timeout_graceful_shutdown=5, server_header=False,
+        )
+        uvicorn.Server(config).run()
+    finally:
+        engine.close(wait=False)
+    return 0
