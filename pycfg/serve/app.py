@@ -124,6 +124,7 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
     settings = settings or ServeSettings()
     app = FastAPI(title="pycfg", version=pycfg.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     admitted = 0  # requests admitted and not yet answered; only touched on the event loop
+    unfinished: set[concurrent.futures.Future] = set()  # submitted to the engine, not done (abandoned ones too)
     metrics = ServerMetrics(engine.describe, lambda: admitted)
     app.state.metrics = metrics
     app.add_exception_handler(APIError, api_error_handler)
@@ -171,7 +172,13 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
             message = _client_message(err)
             raise invalid(message, _param_named_in(message, kwargs)) from None
         admitted += 1
-        future.add_done_callback(lambda f: metrics.engine_finished(submitted, kwargs.get("num_inference_steps")))
+        unfinished.add(future)
+
+        def finished(f: concurrent.futures.Future) -> None:  # runs in the engine's thread
+            unfinished.discard(f)
+            metrics.engine_finished(submitted, kwargs.get("num_inference_steps"))
+
+        future.add_done_callback(finished)
         try:
             return await _await_or_drop(request, future)
         except (APIError, ClientGone):
@@ -306,7 +313,7 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
         info = engine.describe()
         body = {"status": "ready" if reason is None else info["state"], "model": spec.name,
                 "cfg_parallel_size": info["cfg_parallel_size"], "restarts": info["restarts"],
-                "queue_depth": admitted}
+                "queue_depth": admitted, "engine_pending": len(unfinished)}
         if reason is not None:
             body["reason"] = reason
         return JSONResponse(body, status_code=200 if reason is None else 503)

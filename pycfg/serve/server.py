@@ -39,6 +39,10 @@ def parser() -> argparse.ArgumentParser:
                    help="requests that may wait behind the running one; more get 429 (default 16)")
     p.add_argument("--max-connections", type=int, default=1024,
                    help="open connections past which new requests get 503 (default 1024)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's head before it is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall before 408 (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     limits = p.add_argument_group("request limits (400 past them)")
@@ -68,6 +72,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning printed when the server listens beyond loopback with no API key."""
+    if host in ("127.0.0.1", "localhost", "::1") or api_key:
+        return None
+    return (f"listening on {host} with no --api-key: anyone who reaches this address can use the server and its "
+            f"devices; set --api-key (or ${API_KEY_ENV})")
+
+
 def _tristate(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
 
@@ -87,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         limits = RequestLimits(max_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
                                max_frames=args.max_frames, max_prompt_chars=args.max_prompt_chars)
         settings = ServeSettings(api_key=args.api_key or None, max_queue=args.max_queue,
-                                 max_body_bytes=args.max_body_bytes, limits=limits)
+                                 max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout, limits=limits)
     except ValueError as err:
         print(f"pycfg serve: {err}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        logger.warning("listening on %s with no --api-key: anyone who reaches this address can use the server "
-                       "and its devices; set --api-key (or $%s)", args.host, API_KEY_ENV)
+    warning = exposure_warning(args.host, settings.api_key)
+    if warning:
+        logger.warning(warning)
 
     compile_options = {"exchange": args.exchange, "fused": _tristate(args.fused), "comm": args.comm,
                        "compile_transformer": args.compile_transformer, "cuda_graphs": _tristate(args.cuda_graphs)}
@@ -113,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.warmup()
         app = BodyLimit(create_app(engine, spec, settings), settings.max_body_bytes, settings.body_timeout)
         config = uvicorn.Config(
-            app, host=args.host, port=args.port, http=HeaderTimeoutH11Protocol.with_timeout(10.0), lifespan="off",
-            log_level=args.log_level, limit_concurrency=args.max_connections, timeout_keep_alive=5,
+            app, host=args.host, port=args.port, http=HeaderTimeoutH11Protocol.with_timeout(args.header_timeout),
+            lifespan="off", log_level=args.log_level, limit_concurrency=args.max_connections, timeout_keep_alive=5,
             timeout_graceful_shutdown=5, server_header=False,
         )
         uvicorn.Server(config).run()
