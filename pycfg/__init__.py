@@ -7,8 +7,25 @@
 from . import guidance
 from .adapters import supported_pipelines
 from .api import CompiledPipeline, compile
-from .engine import Engine, EngineError, EngineUnhealthyError, InvalidRequestError, WorkerFailureError
-from .errors import ArgumentMismatchError, ConsistencyError, PycfgError, RankFailureError
+from .engine import (
+                     Engine,
+                     EngineError,
+                     EngineHealth,
+                     EngineState,
+                     EngineUnhealthyError,
+                     InvalidRequestError,
+                     Limits,
+                     RequestFailedError,
+                     WorkerFailureError,
+)
+from .errors import (
+                     ArgumentMismatchError,
+                     ConsistencyError,
+                     InvalidArgumentError,
+                     PreparationError,
+                     PycfgError,
+                     RankFailureError,
+)
 
 __version__ = "0.1.0"
 
@@ -17,13 +34,19 @@ __all__ = [
     "CompiledPipeline",
     "Engine",
     "EngineError",
+    "EngineHealth",
+    "EngineState",
     "EngineUnhealthyError",
     "InvalidRequestError",
+    "Limits",
+    "RequestFailedError",
     "WorkerFailureError",
     "guidance",
     "supported_pipelines",
     "PycfgError",
     "RankFailureError",
     "ArgumentMismatchError",
+    "InvalidArgumentError",
+    "PreparationError",
     "ConsistencyError",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,11 +14,13 @@ import torch.distributed as dist
 from .adapters import find_adapter
 from .guidance import GuidancePolicy
 from .parallel.comm import make_comm
-from .parallel.groups import form_cfg_group
+from .parallel.groups import form_cfg_group, release_cfg_group
+from .runtime.checks import check_finite_result, check_job, check_tensor_arguments
 from .runtime.compiled import check_compile_option, choose_batching
 from .runtime.compiled import compile_transformer as _compile_transformer
-from .runtime.consistency import check_same_arguments, describe_value
+from .runtime.consistency import agree, describe_value, fingerprint
 from .runtime.denoise import denoise
+from .runtime.job import Job
 from .schedulers import NOISE_SOURCES
 
 logger = logging.getLogger("pycfg")
@@ -25,15 +28,27 @@ logger = logging.getLogger("pycfg")
 EXCHANGES = ("gather", "reduce")
 
 
+@dataclass(frozen=True)
+class AdmittedCall:
+    """A call every rank of the group checked, prepared and agreed on (see :meth:`CompiledPipeline.admit`); no
+    forward has run yet."""
+
+    args: dict[str, Any]
+    guidance: GuidancePolicy | None
+    job: Job
+    key: tuple
+
+
 class CompiledPipeline:
     """A diffusers pipeline whose guidance branches run in parallel over a CFG group.
 
     Call it with the pipeline's own keyword arguments (plus an optional ``guidance=`` policy); it returns the
-    pipeline's own output type, the same on every rank of the group.
+    pipeline's own output type, the same on every rank of the group. ``close()`` (or ``with``) releases its
+    process group and communicator.
     """
 
     def __init__(self, pipeline, adapter, comm, *, exchange: str, fused: bool | None, check_consistency: bool,
-                 guidance: GuidancePolicy | None, timeout: float) -> None:
+                 guidance: GuidancePolicy | None, timeout: float, check_finite: bool = False) -> None:
         self.pipeline = pipeline
         self.adapter = adapter
         self.comm = comm
@@ -42,6 +57,8 @@ class CompiledPipeline:
         self.check_consistency = check_consistency
         self.guidance = guidance
         self.timeout = timeout
+        self.check_finite = check_finite
+        self._closed = False
         #: wall time of each denoising step of the last call, in seconds
         self.last_step_times: list[float] = []
         self._lock = threading.Lock()
@@ -65,36 +82,96 @@ class CompiledPipeline:
         return self.comm.rank
 
     def __call__(self, **kwargs: Any):
-        guidance = kwargs.pop("guidance", self.guidance)
-        if guidance is not None and not isinstance(guidance, GuidancePolicy):
-            raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
         with self._lock, torch.no_grad():
+            return self._run(self._admit(kwargs))
+
+    def admit(self, **kwargs: Any) -> AdmittedCall:
+        """Check and prepare a call on this rank, and agree on it with every rank, before any forward.
+
+        Raises (every rank, at once) if any rank rejects the call: that rank its own error, the others
+        :class:`~pycfg.errors.InvalidArgumentError` or :class:`~pycfg.errors.PreparationError` naming it.
+        ``fast(**kw)`` is ``fast.run(fast.admit(**kw))``; a caller that must tell a rejected call from one that
+        failed while running calls the two halves itself.
+        """
+        with self._lock, torch.no_grad():
+            return self._admit(kwargs)
+
+    def run(self, call: AdmittedCall):
+        """Run an admitted call (see :meth:`admit`) and return the pipeline's output."""
+        with self._lock, torch.no_grad():
+            return self._run(call)
+
+    def _admit(self, kwargs: dict[str, Any]) -> AdmittedCall:
+        if self._closed:
+            raise RuntimeError("this compiled pipeline was closed; compile the pipeline again")
+        guidance = kwargs.pop("guidance", self.guidance)
+        error: Exception | None = None
+        args, job, key = kwargs, None, None
+        try:
+            if guidance is not None and not isinstance(guidance, GuidancePolicy):
+                raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
             args = self.adapter.check(kwargs)
-            # before any compute: every rank must have been called the same way
-            check_same_arguments(
-                self.comm, {**args, "__guidance__": guidance, "__exchange__": self.exchange}
-            )
-            if guidance is not None:
-                _check_exchange(self.exchange, guidance, self.comm.size)
-            key = _shape_key(args, guidance, self.comm.size)
-            if self.batch_mode == "auto":
-                # decided before prepare() binds the choice into the job's forward
-                self.adapter.batch_branches = self.batch_choices.get(key, {}).get("batched", False)
-            job = self.adapter.prepare(args, guidance)
-            _check_exchange(self.exchange, job.policy, self.comm.size)
-            if self.batch_mode == "auto" and key not in self.batch_choices:
-                choice = choose_batching(self.adapter, job) if self.comm.size == 1 else {
-                    "batched": False, "why": "branches run on different ranks"}
-                self.batch_choices[key] = choice
-                self.adapter.batch_branches = choice["batched"]
-            if self.step_graphs is not None:
-                self.step_graphs.shape_key = (_graph_key(args, self.adapter), self.adapter.batch_branches,
-                                              _weights_key(self.pipeline))
-            latents, self.last_step_times = denoise(
-                job, self.comm, exchange=self.exchange, check_consistency=self.check_consistency,
-                step_graphs=self.step_graphs,
-            )
-            return job.finish(latents)
+            check_tensor_arguments(args, finite=self.check_finite)
+        except Exception as err:  # agreed on below, so that every rank raises
+            error = err
+        digest, described = fingerprint({**args, "__guidance__": guidance, "__exchange__": self.exchange})
+        if error is None:
+            try:
+                if guidance is not None:
+                    _check_exchange(self.exchange, guidance, self.comm.size)
+                key = _shape_key(args, guidance, self.comm.size)
+                if self.batch_mode == "auto":
+                    # decided before prepare() binds the choice into the job's forward
+                    self.adapter.batch_branches = self.batch_choices.get(key, {}).get("batched", False)
+                job = self.adapter.prepare(args, guidance)
+                _check_exchange(self.exchange, job.policy, self.comm.size)
+                check_job(job, args, finite=self.check_finite)
+            except Exception as err:
+                error = err
+        # before any forward: every rank was called the same way and accepted the call, or every rank raises
+        agree(self.comm, digest, described, error)
+        return AdmittedCall(args, guidance, job, key)
+
+    def _run(self, call: AdmittedCall):
+        args, job, key = call.args, call.job, call.key
+        if self.batch_mode == "auto" and key not in self.batch_choices:
+            choice = choose_batching(self.adapter, job) if self.comm.size == 1 else {
+                "batched": False, "why": "branches run on different ranks"}
+            self.batch_choices[key] = choice
+            self.adapter.batch_branches = choice["batched"]
+        if self.step_graphs is not None:
+            self.step_graphs.shape_key = (_graph_key(args, self.adapter), self.adapter.batch_branches,
+                                          _weights_key(self.pipeline))
+        latents, self.last_step_times = denoise(
+            job, self.comm, exchange=self.exchange, check_consistency=self.check_consistency,
+            step_graphs=self.step_graphs,
+        )
+        if self.check_finite:
+            check_finite_result(latents)
+        return job.finish(latents)
+
+    def close(self) -> None:
+        """Release what :func:`compile` created for this pipeline: the communicator, and the CFG group when pycfg
+        created it and no other compiled pipeline uses it (a ``group=`` of yours is left alone). The pipeline
+        itself is untouched. Idempotent; calls afterwards raise. Every rank must close, as every rank compiled.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.step_graphs = None
+            self.comm.close()
+            release_cfg_group(self.comm.group)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> CompiledPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def warmup(self, **kwargs: Any) -> dict[str, float]:
         """Run the call twice with these arguments (a short run by default) so compiles, autotuning, the
@@ -127,6 +204,7 @@ class CompiledPipeline:
             "update": "fused kernel" if self.fused or (self.fused is None and self.device.type == "cuda")
             else "scheduler.step() (reference)",
             "check_consistency": self.check_consistency,
+            "check_finite": self.check_finite,
             "timeout": self.timeout,
             "batch_branches": self.batch_mode,
             "batch_choices": {repr(k): v for k, v in self.batch_choices.items()},
@@ -220,6 +298,7 @@ def compile(
     compile_mode: str | None = None,
     cuda_graphs: bool | None = None,
     text_bucket: int | None = None,
+    check_finite: bool = False,
 ) -> CompiledPipeline:
     """Make ``pipeline`` CFG-parallel over ``cfg_parallel_size`` ranks.
 
@@ -262,9 +341,12 @@ def compile(
         text_bucket: pad text inputs to a multiple of this many tokens, with the padding masked out (adapters
             whose model honours text masks only): fewer shapes to compile, and cond/uncond texts of different
             lengths can share a batched forward. ``None``: exact lengths.
+        check_finite: raise a ``ValueError`` naming the argument when a tensor argument (embeddings, latents)
+            holds NaN or Inf, and a ``FloatingPointError`` when the denoised latents do. Off (the default) it
+            costs nothing.
 
     Returns:
-        A :class:`CompiledPipeline`: call it like the pipeline.
+        A :class:`CompiledPipeline`: call it like the pipeline; ``close()`` it (or use ``with``) when done.
     """
     if isinstance(cfg_parallel_size, bool) or not isinstance(cfg_parallel_size, int) or cfg_parallel_size < 1:
         raise ValueError(f"cfg_parallel_size must be an integer >= 1, got {cfg_parallel_size!r}")
@@ -278,6 +360,8 @@ def compile(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if guidance is not None and not isinstance(guidance, GuidancePolicy):
         raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
+    if check_finite not in (True, False):
+        raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
     if batch_branches not in (True, False, None, "auto"):
         raise ValueError(f"batch_branches must be True, False, 'auto' or None, got {batch_branches!r}")
     how = check_compile_option(compile_transformer, compile_mode)
@@ -313,7 +397,11 @@ def compile(
             adapter.check_policy(guidance)
 
     pg = form_cfg_group(cfg_parallel_size, device=device, timeout=float(timeout), group=group)
-    comm = make_comm(pg, device=device, timeout=float(timeout), comm=comm)
+    try:
+        comm = make_comm(pg, device=device, timeout=float(timeout), comm=comm)
+    except BaseException:
+        release_cfg_group(pg)
+        raise
     compiled = CompiledPipeline(
         pipeline,
         adapter,
@@ -323,6 +411,7 @@ def compile(
         check_consistency=check_consistency,
         guidance=guidance,
         timeout=float(timeout),
+        check_finite=check_finite,
     )
     compiled.batch_mode = batch_branches
     if how is not None:

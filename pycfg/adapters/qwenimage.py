@@ -17,7 +17,7 @@ from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE
 from ..guidance.perturb import perturbed
 from ..runtime.job import Job
-from ._common import batch_groups
+from ._common import batch_groups, check_latents_shape, check_same_batch, check_text_embeds, prompt_batch_size
 from .base import Adapter, check_output_type, own_tensor
 
 
@@ -54,6 +54,17 @@ class QwenImageAdapter(Adapter):
             if a["sigmas"] is None:
                 raise ValueError(f"num_inference_steps must be a positive integer, got {a['num_inference_steps']!r}")
         check_output_type(a["output_type"])
+        # shapes of the caller's tensors against what the pipeline builds: rejected here, not inside a forward
+        dim = pipe.transformer.config.joint_attention_dim
+        check_text_embeds(a, "prompt_embeds", "prompt_embeds_mask", dim)
+        check_text_embeds(a, "negative_prompt_embeds", "negative_prompt_embeds_mask", dim)
+        check_same_batch(a, "prompt_embeds", "negative_prompt_embeds")
+        if a["latents"] is not None and isinstance(a["num_images_per_prompt"], int):
+            batch = prompt_batch_size(a["prompt"], a["prompt_embeds"]) * a["num_images_per_prompt"]
+            # the pipeline's own helper, drawing on the meta device: the shape, no numbers, no generator
+            expected = pipe.prepare_latents(batch, pipe.transformer.config.in_channels // 4, a["height"], a["width"],
+                                            torch.float32, torch.device("meta"), None).shape
+            check_latents_shape(a, expected)
         return a
 
     def default_policy(self, a: dict[str, Any]) -> GuidancePolicy:

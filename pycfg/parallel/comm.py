@@ -37,6 +37,9 @@ class LocalComm:
         self.calls += count
         return flat
 
+    def close(self) -> None:
+        """Nothing to free."""
+
 
 class TorchComm:
     """torch.distributed collectives on one process group."""
@@ -78,6 +81,9 @@ class TorchComm:
         except Exception as err:
             raise self._failed("all_reduce", err) from err
         return flat
+
+    def close(self) -> None:
+        """Nothing of its own to free: the group belongs to whoever created it (see parallel.groups)."""
 
 
 COMMS = ("auto", "torch", "nccl-ext")
