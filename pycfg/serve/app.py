@@ -60,7 +60,7 @@ class ServeSettings:
     max_queue: int = 16
     max_body_bytes: int = 16 * 1024 * 1024
     body_timeout: float = 30.0
-    limits: RequestLimits = field(default_factory=RequestLimits)
+    limits: RequestLimits = field(default_factory=RequestLimits)  # beside the engine's own pycfg.Limits
 
     def __post_init__(self) -> None:
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
@@ -125,7 +125,7 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
     app = FastAPI(title="pycfg", version=pycfg.__version__, docs_url=None, redoc_url=None, openapi_url=None)
     admitted = 0  # requests admitted and not yet answered; only touched on the event loop
     unfinished: set[concurrent.futures.Future] = set()  # submitted to the engine, not done (abandoned ones too)
-    metrics = ServerMetrics(engine.describe, lambda: admitted)
+    metrics = ServerMetrics(engine.health, lambda: admitted)
     app.state.metrics = metrics
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
@@ -144,17 +144,8 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
                            headers={"WWW-Authenticate": "Bearer"})
 
     def unavailable_reason() -> str | None:
-        info = engine.describe()
-        if info["healthy"]:
-            return None
-        state = info["state"]
-        if state == "closed":
-            return "the engine is shut down"
-        if state == "starting":
-            return "the engine is restarting its workers" if info["restarts"] else "the engine is starting"
-        if info["auto_restart"]:
-            return "an engine worker failed; the engine is restarting"
-        return "an engine worker failed"
+        state = engine.health().state
+        return None if state is pycfg.EngineState.READY else _REASONS[state]
 
     async def run(request: Request, endpoint: str, kwargs: dict[str, Any]) -> Any:
         """Admit, queue and await one request on the engine; the pipeline's output."""
@@ -186,6 +177,12 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
         except pycfg.InvalidRequestError as err:
             message = _client_message(err)
             raise invalid(message, _param_named_in(message, kwargs)) from None
+        except pycfg.RequestFailedError as err:
+            logger.error("%s failed on the workers: %s\n%s", endpoint, err, err.worker_text)
+            if err.out_of_memory:
+                raise APIError(503, "The request ran out of device memory; retry later or ask for less.",
+                               code="out_of_memory", headers={"Retry-After": "5"}) from None
+            raise APIError(500, "The request failed while it ran.", code="request_failed") from None
         except pycfg.WorkerFailureError as err:
             logger.error("%s failed on the engine: %s\n%s", endpoint, err, err.worker_text)
             raise APIError(500, "The engine failed while running this request; it restarts by itself. "
@@ -225,7 +222,7 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
         req = parse(ImageGenerationRequest, await json_body(request))
         require(Task.IMAGE, "/v1/images/generations")
         _check_response_format(req.response_format, ("b64_json",))
-        kwargs = pipeline_arguments(spec, req, settings.limits)
+        kwargs = pipeline_arguments(spec, req, settings.limits, engine.limits)
         output = await run(request, "generations", kwargs)
         data = await run_in_threadpool(lambda: [{"b64_json": _png(image)} for image in output.images])
         return JSONResponse(_images_response(data, output.images, seed_of(kwargs)))
@@ -257,11 +254,11 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
                 raise invalid(f"At most {settings.limits.max_input_images} images per request.", "image")
             if len(masks) > 1:
                 raise invalid("At most one mask.", "mask")
-            kwargs = pipeline_arguments(spec, req, settings.limits)
-            pictures = [await _read_image(upload, "image", settings.limits) for upload in images]
+            kwargs = pipeline_arguments(spec, req, settings.limits, engine.limits)
+            pictures = [await _read_image(upload, "image", engine.limits) for upload in images]
             kwargs["image"] = pictures[0] if len(pictures) == 1 else pictures
             if masks:
-                kwargs["mask_image"] = _inpaint_mask(await _read_image(masks[0], "mask", settings.limits,
+                kwargs["mask_image"] = _inpaint_mask(await _read_image(masks[0], "mask", engine.limits,
                                                                         keep_alpha=True))
         finally:
             await form.close()
@@ -275,7 +272,7 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
         req = parse(VideoRequest, await json_body(request))
         require(Task.VIDEO, "/v1/videos")
         _check_response_format(req.response_format, ("mp4", "png_frames"))
-        kwargs = pipeline_arguments(spec, req, settings.limits)
+        kwargs = pipeline_arguments(spec, req, settings.limits, engine.limits)
         output = await run(request, "videos", kwargs)
         fps = req.fps or spec.fps
         as_frames = req.response_format == "png_frames"
@@ -309,14 +306,12 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        reason = unavailable_reason()
-        info = engine.describe()
-        body = {"status": "ready" if reason is None else info["state"], "model": spec.name,
-                "cfg_parallel_size": info["cfg_parallel_size"], "restarts": info["restarts"],
-                "queue_depth": admitted, "engine_pending": len(unfinished)}
-        if reason is not None:
-            body["reason"] = reason
-        return JSONResponse(body, status_code=200 if reason is None else 503)
+        state = engine.health()
+        body = {"status": state.state.value, "model": spec.name, "cfg_parallel_size": engine.cfg_parallel_size,
+                "restarts": state.restarts, "queue_depth": admitted, "engine_pending": len(unfinished)}
+        if not state.healthy:
+            body["reason"] = _REASONS[state.state]  # the error itself (with worker tracebacks) stays in the log
+        return JSONResponse(body, status_code=200 if state.healthy else 503)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
@@ -326,6 +321,12 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
     return app
 
 
+_REASONS = {
+    pycfg.EngineState.STARTING: "the engine is starting",
+    pycfg.EngineState.RESTARTING: "an engine worker failed; the engine is restarting",
+    pycfg.EngineState.UNHEALTHY: "an engine worker failed and the engine could not restart",
+    pycfg.EngineState.CLOSED: "the engine is shut down",
+}
 _ENDPOINT_OF = {Task.IMAGE: "/v1/images/generations", Task.EDIT: "/v1/images/edits", Task.VIDEO: "/v1/videos"}
 _ROUTES = (*_ENDPOINT_OF.values(), "/v1/models")
 
@@ -394,7 +395,7 @@ def _model_card(spec: ModelSpec) -> dict:
     return {"id": spec.name, "object": "model", "created": 0, "owned_by": "pycfg", **spec.describe()}
 
 
-async def _read_image(upload: UploadFile, param: str, limits: RequestLimits, keep_alpha: bool = False):
+async def _read_image(upload: UploadFile, param: str, bounds: pycfg.Limits, keep_alpha: bool = False):
     """An uploaded image file as a PIL image; 400 naming ``param`` if it is no image or too large."""
     from PIL import Image, UnidentifiedImageError
 
@@ -402,8 +403,9 @@ async def _read_image(upload: UploadFile, param: str, limits: RequestLimits, kee
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size  # read from the header: nothing decoded yet
-        if width * height > 4 * limits.max_pixels:
-            raise invalid(f"The {param} is {width}x{height}: at most {4 * limits.max_pixels} pixels.", param)
+        max_pixels = 4 * (bounds.max_pixels or 2048 * 2048)  # inputs are resized; bound the decoding
+        if width * height > max_pixels:
+            raise invalid(f"The {param} is {width}x{height}: at most {max_pixels} pixels.", param)
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise invalid(f"The {param} file is not an image PIL can read (PNG, JPEG, WebP, ...).", param) from None

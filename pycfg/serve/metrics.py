@@ -5,14 +5,14 @@
 - ``pycfg_queue_depth``: requests admitted and not yet answered (running or waiting in the engine);
 - ``pycfg_request_seconds{endpoint}``: latency of answered requests, queueing included;
 - ``pycfg_step_seconds``: engine time per denoising step (see :meth:`ServerMetrics.engine_finished`);
-- ``pycfg_engine_healthy`` and ``pycfg_engine_restarts_total``: read from the engine at scrape time.
+- ``pycfg_engine_healthy`` and ``pycfg_engine_restarts_total``: read from ``Engine.health()`` at scrape time.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,23 +22,23 @@ _STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class _EngineCollector:
-    """Engine state at scrape time, from ``describe()``."""
+    """Engine state at scrape time, from ``Engine.health()``."""
 
-    def __init__(self, describe: Callable[[], dict]) -> None:
-        self._describe = describe
+    def __init__(self, health: Callable[[], Any]) -> None:
+        self._health = health
 
     def collect(self):
-        info = self._describe()
+        health = self._health()
         healthy = GaugeMetricFamily("pycfg_engine_healthy", "1 while every engine worker is up and in step")
-        healthy.add_metric([], 1.0 if info["healthy"] else 0.0)
+        healthy.add_metric([], 1.0 if health.healthy else 0.0)
         yield healthy
         restarts = CounterMetricFamily("pycfg_engine_restarts", "Times the engine replaced its workers")
-        restarts.add_metric([], float(info["restarts"]))
+        restarts.add_metric([], float(health.restarts))
         yield restarts
 
 
 class ServerMetrics:
-    def __init__(self, describe_engine: Callable[[], dict], queue_depth: Callable[[], int]) -> None:
+    def __init__(self, engine_health: Callable[[], Any], queue_depth: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("pycfg_requests", "Answered requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=self.registry)
@@ -49,7 +49,7 @@ class ServerMetrics:
         depth = Gauge("pycfg_queue_depth", "Requests admitted and not yet answered (running or queued)",
                       registry=self.registry)
         depth.set_function(queue_depth)
-        self.registry.register(_EngineCollector(describe_engine))
+        self.registry.register(_EngineCollector(engine_health))
         self._lock = threading.Lock()
         self._engine_free_since = time.monotonic()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine import Limits
 from .errors import APIError, invalid
 from .models import ModelSpec
 
@@ -24,17 +25,15 @@ _SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds every request must keep, checked before the request reaches the engine (400 naming the field)."""
+    """Bounds of requests over HTTP beside the engine's own :class:`pycfg.Limits` (pixels, frames, images, steps),
+    which the HTTP layer checks too, to answer 400 naming the request field before the engine sees it."""
 
-    max_pixels: int = 1024 * 1024  # width * height of one image or frame
-    max_images: int = 4  # n
-    max_steps: int = 100  # num_inference_steps
-    max_frames: int = 129  # num_frames
     max_prompt_chars: int = 4000  # prompt and negative_prompt, each
     max_input_images: int = 4  # image files of one edit request
 
     def __post_init__(self) -> None:
-        for name, value in vars(self).items():
+        for name in ("max_prompt_chars", "max_input_images"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
@@ -92,7 +91,7 @@ def parse(model: type[_Request], data: Any) -> _Request:
         raise invalid(message, param=param) from None
 
 
-def _size(spec: ModelSpec, size: str | None, limits: RequestLimits) -> tuple[int, int] | None:
+def _size(spec: ModelSpec, size: str | None, bounds: Limits) -> tuple[int, int] | None:
     if size is None or size == "auto":
         return spec.default_size
     match = _SIZE.match(size)
@@ -102,13 +101,15 @@ def _size(spec: ModelSpec, size: str | None, limits: RequestLimits) -> tuple[int
     m = spec.size_multiple
     if width % m or height % m:
         raise invalid(f"Invalid size {size!r}: width and height must be multiples of {m} for this model.", "size")
-    if width * height > limits.max_pixels:
-        raise invalid(f"Invalid size {size!r}: at most {limits.max_pixels} pixels per image.", "size")
+    max_pixels = bounds.max_pixels
+    if max_pixels is not None and width * height > max_pixels:
+        raise invalid(f"Invalid size {size!r}: at most {max_pixels} pixels per image.", "size")
     return width, height
 
 
-def pipeline_arguments(spec: ModelSpec, req: _Request, limits: RequestLimits) -> dict[str, Any]:
-    """The pipeline keyword arguments of a validated request (plus ``generator``); 400 for values past a limit.
+def pipeline_arguments(spec: ModelSpec, req: _Request, limits: RequestLimits, bounds: Limits) -> dict[str, Any]:
+    """The pipeline keyword arguments of a validated request (plus ``generator``); 400 naming the field for
+    values past ``limits`` or the engine's ``bounds``.
 
     ``seed`` becomes ``torch.Generator("cpu").manual_seed(seed)``: the image equals the stock pipeline's for the
     same arguments and that generator. Without a seed, a random one is drawn (and reported in the response).
@@ -122,17 +123,17 @@ def pipeline_arguments(spec: ModelSpec, req: _Request, limits: RequestLimits) ->
         text = getattr(req, name)
         if text is not None and len(text) > limits.max_prompt_chars:
             raise invalid(f"{name} is longer than {limits.max_prompt_chars} characters.", name)
-    if req.n > limits.max_images:
-        raise invalid(f"n must be at most {limits.max_images}, got {req.n}.", "n")
-    if req.num_inference_steps is not None and req.num_inference_steps > limits.max_steps:
-        raise invalid(f"num_inference_steps must be at most {limits.max_steps}, got {req.num_inference_steps}.",
-                      "num_inference_steps")
+    if bounds.max_images_per_request is not None and req.n > bounds.max_images_per_request:
+        raise invalid(f"n must be at most {bounds.max_images_per_request}, got {req.n}.", "n")
+    steps = req.num_inference_steps
+    if steps is not None and bounds.max_steps is not None and steps > bounds.max_steps:
+        raise invalid(f"num_inference_steps must be at most {bounds.max_steps}, got {steps}.", "num_inference_steps")
     kwargs: dict[str, Any] = {"prompt": req.prompt}
     for name in ("negative_prompt", "true_cfg_scale", "guidance_scale", "num_inference_steps"):
         value = getattr(req, name)
         if value is not None:
             kwargs[name] = value
-    size = _size(spec, req.size, limits)
+    size = _size(spec, req.size, bounds)
     if size is not None:
         kwargs["width"], kwargs["height"] = size
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -142,8 +143,8 @@ def pipeline_arguments(spec: ModelSpec, req: _Request, limits: RequestLimits) ->
         kwargs["num_videos_per_prompt"] = req.n
         frames = req.num_frames if req.num_frames is not None else spec.default_frames
         if frames is not None:
-            if frames > limits.max_frames:
-                raise invalid(f"num_frames must be at most {limits.max_frames}, got {frames}.", "num_frames")
+            if bounds.max_frames is not None and frames > bounds.max_frames:
+                raise invalid(f"num_frames must be at most {bounds.max_frames}, got {frames}.", "num_frames")
             if (frames - 1) % spec.frame_multiple:
                 raise invalid(f"num_frames - 1 must be a multiple of {spec.frame_multiple} for this model, got "
                               f"{frames}.", "num_frames")

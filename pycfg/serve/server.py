@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from ..engine import Limits
 from .models import DEFAULT_MODEL, TINY_MODELS, load_model_spec
 from .schemas import RequestLimits  # needs the 'serve' extra (pydantic, through FastAPI)
 
@@ -45,13 +46,18 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request body may stall before 408 (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
-    limits = p.add_argument_group("request limits (400 past them)")
-    defaults = RequestLimits()
-    limits.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="width*height per image")
-    limits.add_argument("--max-images", type=int, default=defaults.max_images, help="n per request")
-    limits.add_argument("--max-steps", type=int, default=defaults.max_steps, help="num_inference_steps")
-    limits.add_argument("--max-frames", type=int, default=defaults.max_frames, help="num_frames of a video")
-    limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
+    limits = p.add_argument_group("request limits (400 past them; see pycfg.Limits)")
+    engine_limits, defaults = Limits(), RequestLimits()
+    limits.add_argument("--max-pixels", type=int, default=engine_limits.max_pixels,
+                        help=f"width*height per image or frame (default {engine_limits.max_pixels})")
+    limits.add_argument("--max-images", type=int, default=engine_limits.max_images_per_request,
+                        help=f"n per request (default {engine_limits.max_images_per_request})")
+    limits.add_argument("--max-steps", type=int, default=engine_limits.max_steps,
+                        help=f"num_inference_steps (default {engine_limits.max_steps})")
+    limits.add_argument("--max-frames", type=int, default=engine_limits.max_frames,
+                        help=f"num_frames of a video (default {engine_limits.max_frames})")
+    limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars,
+                        help=f"characters of prompt and negative_prompt (default {defaults.max_prompt_chars})")
     limits.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                         help="request body size (413 past it; default 16 MiB)")
     limits.add_argument("--request-timeout", type=float, default=600.0,
@@ -96,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = load_model_spec(args.model, args.dtype)
-        limits = RequestLimits(max_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
-                               max_frames=args.max_frames, max_prompt_chars=args.max_prompt_chars)
+        engine_limits = Limits(max_pixels=args.max_pixels, max_images_per_request=args.max_images,
+                               max_steps=args.max_steps, max_frames=args.max_frames)
+        limits = RequestLimits(max_prompt_chars=args.max_prompt_chars)
         settings = ServeSettings(api_key=args.api_key or None, max_queue=args.max_queue,
                                  max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout, limits=limits)
     except ValueError as err:
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = pycfg.Engine(spec.factory, cfg_parallel_size=args.cfg_parallel_size, devices=args.devices,
                               timeout=args.timeout, auto_restart=True, request_timeout=args.request_timeout,
                               startup_timeout=args.startup_timeout, worker_threads=args.worker_threads,
-                              **compile_options)
+                              limits=engine_limits, **compile_options)
     except (ValueError, TypeError) as err:
         print(f"pycfg serve: {err}", file=sys.stderr)
         return 2
