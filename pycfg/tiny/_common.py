@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def _byte_level_tokenizer(corpus: list[str], vocab_size: int = 300):
-    """A byte-level BPE tokenizer trained on ``corpus``, with Qwen's chat-template special tokens."""
+def _byte_level_tokenizer(corpus: list[str], vocab_size: int = 300, extra_special: list[str] = ()):
+    """A byte-level BPE tokenizer trained on ``corpus``, with Qwen's chat-template special tokens (and
+    ``extra_special`` ones after them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    special = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", *extra_special]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
