@@ -59,9 +59,9 @@ def _tiny_qwen_image(device=None):
 
 
 def _tiny_qwen_image_edit(device=None):
-    from ..tiny import qwenimage_edit_pipeline  # provided with QwenImageEditPipeline support
+    from ..tiny import qwenimage_edit_pipeline
 
-    return qwenimage_edit_pipeline(text_encoder=True).to(device)
+    return qwenimage_edit_pipeline().to(device)
 
 
 def _tiny_flux(device=None):
@@ -93,7 +93,9 @@ TINY_MODELS: dict[str, ModelSpec] = {
     for spec in (
         # tiny Qwen-Image VAE: scale factor 4, 2x2 patches
         ModelSpec("tiny:qwen-image", "QwenImagePipeline", Task.IMAGE, _tiny_qwen_image, 8, (32, 32)),
-        ModelSpec("tiny:qwen-image-edit", "QwenImageEditPipeline", Task.EDIT, _tiny_qwen_image_edit, 32, None),
+        # tiny edit VAE: scale factor 64 (inputs are encoded at about one megapixel), 2x2 patches
+        ModelSpec("tiny:qwen-image-edit", "QwenImageEditPipeline", Task.EDIT, _tiny_qwen_image_edit, 128,
+                  (128, 128)),
         # tiny Flux VAE: scale factor 1, latents packed 2x2
         ModelSpec("tiny:flux", "FluxPipeline", Task.IMAGE, _tiny_flux, 2, (32, 32)),
         # tiny Wan VAE: spatial scale factor 8, 2x2 patches
