@@ -83,6 +83,7 @@ def stop_server(server: Server) -> None:
         server.proc.kill()
         server.proc.wait()
         pytest.fail("the server did not stop on SIGTERM:\n" + server.log_text())
+    assert server.proc.returncode == 0, server.log_text()
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers):
         if time.monotonic() > deadline:

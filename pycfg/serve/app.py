@@ -166,6 +166,9 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
         except pycfg.InvalidRequestError as err:
             message = _client_message(err)
             raise invalid(message, _param_named_in(message, kwargs)) from None
+        except pycfg.EngineError as err:  # closed meanwhile
+            logger.warning("%s refused by the engine: %s", endpoint, err)
+            raise APIError(503, "The server is not ready: the engine is shut down.") from None
         admitted += 1
         unfinished.add(future)
 

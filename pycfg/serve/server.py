@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from ..engine import Limits
@@ -86,6 +87,10 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
             f"devices; set --api-key (or ${API_KEY_ENV})")
 
 
+def _stopped(signum, frame) -> None:
+    logger.info("stopping on %s", signal.Signals(signum).name)
+
+
 def _tristate(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
 
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             lifespan="off", log_level=args.log_level, limit_concurrency=args.max_connections, timeout_keep_alive=5,
             timeout_graceful_shutdown=5, server_header=False,
         )
+        # uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found: make that one
+        # return, so the engine below closes its workers and the command exits 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _stopped)
         uvicorn.Server(config).run()
     finally:
         engine.close(wait=False)
