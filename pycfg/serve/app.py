@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 import pycfg
 
@@ -174,7 +175,8 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
 
         def finished(f: concurrent.futures.Future) -> None:  # runs in the engine's thread
             unfinished.discard(f)
-            metrics.engine_finished(submitted, kwargs.get("num_inference_steps"))
+            if not f.cancelled():  # a dropped request never ran
+                metrics.engine_finished(submitted, kwargs.get("num_inference_steps"))
 
         future.add_done_callback(finished)
         try:
@@ -201,10 +203,11 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
         finally:
             admitted -= 1
 
-    async def client_gone(request: Request, err: ClientGone) -> Response:
+    async def client_gone(request: Request, err: Exception) -> Response:
         return Response(status_code=_CLIENT_GONE)
 
     app.add_exception_handler(ClientGone, client_gone)
+    app.add_exception_handler(ClientDisconnect, client_gone)  # gone while its body was being read
     app.add_middleware(_CountRequests, metrics=metrics, routes=_ROUTES)
 
     async def json_body(request: Request) -> Any:
