@@ -9,9 +9,10 @@ and run in order on every worker; the driver returns rank 0's output.
     image = engine.generate(prompt="...", negative_prompt="...", true_cfg_scale=4.0,
                             generator=torch.Generator().manual_seed(0)).images[0]
 
-Modules: :mod:`.driver` (:class:`Engine`, its states and failure handling), :mod:`.worker` (the worker
-process), :mod:`.wire` (messages, error kinds, payloads), :mod:`.validation` (:class:`Limits`, request and
-compile-option checks), :mod:`.errors`.
+Modules: :mod:`.driver` (:class:`Engine`: the public API, its states, the request queue and what a failure does
+to the engine), :mod:`.world` (one start of the workers: spawning, messaging, judging their replies),
+:mod:`.worker` (the worker process), :mod:`.wire` (messages, error kinds, payloads), :mod:`.validation`
+(:class:`Limits`, request and compile-option checks), :mod:`.errors`.
 """
 
 from .driver import Engine, EngineHealth, EngineState

@@ -1,7 +1,7 @@
 """The driver: :class:`Engine`, the caller-facing half, and the executor thread that talks to the workers.
 
-One executor thread owns the workers: it takes requests from one queue, in order, sends each to every worker
-and collects their replies. What a failure does to the engine follows from the workers' reported
+One executor thread owns the workers (a :class:`~pycfg.engine.world.World`): it takes requests from one queue,
+in order, and runs each on every worker. What a failure does to the engine follows from the workers' reported
 :class:`~pycfg.engine.wire.ErrorKind`, never from error text:
 
 - every rank rejected the request (they agree before any forward): :class:`InvalidRequestError`, healthy;
@@ -20,12 +20,8 @@ import concurrent.futures
 import dataclasses
 import enum
 import logging
-import multiprocessing.connection
-import os
 import pickle
 import shutil
-import signal
-import socket
 import tempfile
 import threading
 import time
@@ -37,8 +33,7 @@ import torch.multiprocessing as mp
 from . import wire
 from .errors import EngineClosedError, EngineUnhealthyError, InvalidRequestError, RequestFailedError, WorkerFailureError
 from .validation import Limits, check_compile_options, check_request
-from .wire import ErrorKind, Op
-from .worker import worker_main
+from .world import World, WorldBroken, WorldConfig, default_devices
 
 logger = logging.getLogger("pycfg.engine")
 
@@ -79,54 +74,6 @@ class _Item:
     def __init__(self, op: str, future: concurrent.futures.Future, payload: bytes | None = None,
                  fingerprint: str | None = None, request: int | None = None) -> None:
         self.op, self.future, self.payload, self.fingerprint, self.request = op, future, payload, fingerprint, request
-
-
-class _Failure(Exception):
-    """Internal: the world of workers is broken; carries the error to give the caller."""
-
-    def __init__(self, error: WorkerFailureError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-@dataclasses.dataclass
-class _Worker:
-    rank: int
-    process: Any
-    conn: Any
-    device: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _default_devices(size: int) -> list[str]:
-    if torch.cuda.is_available() and torch.cuda.device_count() >= size:
-        return [f"cuda:{i}" for i in range(size)]
-    return ["cpu"] * size
-
-
-def _loopback_interface() -> str | None:
-    """The name of the loopback network interface, which the workers' data connections are bound to."""
-    try:
-        for _, name in socket.if_nameindex():
-            if name == "lo" or name.startswith("lo0"):
-                return name
-    except OSError:
-        pass
-    return None
 
 
 class Engine:
@@ -198,7 +145,7 @@ class Engine:
                 f"a functools.partial of one): {err}"
             ) from None
         if devices is None:
-            devices = _default_devices(cfg_parallel_size)
+            devices = default_devices(cfg_parallel_size)
         devices = [str(torch.device(d)) for d in devices]
         if len(devices) != cfg_parallel_size:
             raise ValueError(f"devices has {len(devices)} entries but cfg_parallel_size={cfg_parallel_size}")
@@ -214,14 +161,13 @@ class Engine:
         self.limits = limits if limits is not None else Limits()
         self._factory = pipeline_factory
         self._compile_options = compile_options
-        # how long the other ranks may take to report the same error as the first: past it they are stuck
-        self._grace = min(self.timeout, 5.0)
 
         self._ctx = mp.get_context("spawn")
         self._rendezvous_dir = tempfile.mkdtemp(prefix="pycfg-engine-")  # mode 0700: this user only
+        self._config = WorldConfig(tuple(devices), pipeline_factory, compile_options, self.timeout,
+                                   self.startup_timeout, worker_threads, self.check_outputs, self._rendezvous_dir)
         self._worlds = 0
-        self._workers: list[_Worker] = []
-        self._seq = 0
+        self._world: World | None = None
         self._state = EngineState.STARTING
         self._last_error: str | None = None
         self._info: dict[str, Any] = {}
@@ -332,20 +278,20 @@ class Engine:
     def health(self) -> EngineHealth:
         """State, last error, restarts, queue length and worker liveness, read together."""
         with self._lock:
+            workers = self._world.workers if self._world is not None else []
             return EngineHealth(self._state, self._last_error, self._restarts, len(self._queue),
-                                tuple(w.process.is_alive() for w in self._workers))
+                                tuple(w.process.is_alive() for w in workers))
 
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers, in rank order (empty while none run)."""
         with self._lock:
-            return [w.pid for w in self._workers]
+            return [w.pid for w in self._world.workers] if self._world is not None else []
 
     def describe(self) -> dict[str, Any]:
         """Devices, ranks, communicator, compile state, limits and health of the engine and its workers."""
         with self._lock:
-            workers = [{"rank": w.rank, "pid": w.pid, "device": w.device, "alive": w.process.is_alive()}
-                       for w in self._workers]
+            workers = [w.describe() for w in self._world.workers] if self._world is not None else []
             compiled = dict(self._info.get("describe", {}))
             return {
                 "pipeline": self._info.get("pipeline"),
@@ -446,144 +392,29 @@ class Engine:
         if state != EngineState.READY:
             raise EngineUnhealthyError(f"the engine is {state.value} after an earlier failure; call restart(). "
                                        f"Last error: {last}")
-        label = "ping" if item.op == "ping" else f"request {item.request}"
+        world = self._world
         try:
             if item.op == "ping":
-                self._ping(label, self.timeout + self._grace)
+                world.ping("ping")
                 return None
-            output = self._run(label, item)
+            output = world.run(f"request {item.request}", item.request, item.payload, item.fingerprint,
+                               self.request_timeout)
         except InvalidRequestError:
             self._count("rejected")
             raise
         except RequestFailedError:
             self._count("failed")
             raise
-        except _Failure as failure:
+        except WorldBroken as broken:
             self._count("failed")
-            self._fail(failure.error)
-            raise failure.error from None
+            self._fail(broken.error)
+            raise broken.error from None
         self._count("completed")
         return output
 
     def _count(self, key: str) -> None:
         with self._lock:
             self._counts[key] += 1
-
-    def _send_all(self, label: str, op: Op, **fields: Any) -> int:
-        seq = self._seq
-        self._seq += 1
-        for w in self._workers:
-            try:
-                wire.send(w.conn, op, seq=seq, **fields)
-            except (OSError, ValueError):
-                w.process.join(timeout=1.0)  # it died: report how, not the broken pipe
-                raise _Failure(self._death(w, label, _exit_text(w.process.exitcode))) from None
-        return seq
-
-    def _ping(self, label: str, limit: float) -> None:
-        """A round trip with one collective across every worker; raises :class:`_Failure` unless all answer."""
-        seq = self._send_all(label, Op.PING)
-        replies, pending = self._collect(seq, label, limit)
-        if pending or any(r["op"] != Op.PONG for r in replies.values()):
-            raise _Failure(self._verdict(label, replies, pending, "did not answer the probe after the failure"))
-
-    def _run(self, label: str, item: _Item) -> Any:
-        seq = self._send_all(label, Op.RUN, request=item.request, payload=item.payload,
-                             fingerprint=item.fingerprint)
-        replies, pending = self._collect(seq, label, self.request_timeout)
-        errors = {rank: r for rank, r in replies.items() if r["op"] == Op.ERROR}
-        if not errors and not pending:
-            return self._output(label, replies)
-        if pending or len(errors) < len(replies):
-            # someone is still waiting in a collective the failing rank left, or finished without it
-            raise _Failure(self._verdict(label, replies, pending, "were left waiting in a collective"))
-        kinds = {r["kind"] for r in errors.values()}
-        rank, first = min(errors.items())
-        if kinds == {ErrorKind.INVALID}:  # every rank agreed before any forward
-            raise InvalidRequestError(f"{label} rejected by the pipeline: {first['text']}")
-        if all(kind.in_step for kind in kinds):
-            # every rank raised at the same point; a collective round trip proves they are still in step
-            self._ping(label, self.timeout + self._grace)
-            raise RequestFailedError(
-                f"{label} failed on the workers (rank {rank}, pid {self._workers[rank].pid}): {first['text']}",
-                rank, first["trace"] or first["text"], out_of_memory=first["kind"] == ErrorKind.OUT_OF_MEMORY)
-        raise _Failure(self._verdict(label, replies, pending, "failed with it"))
-
-    def _verdict(self, label: str, replies: dict[int, dict], pending: dict[int, _Worker],
-                 others: str) -> WorkerFailureError:
-        """The error of a broken world: the first rank's own error (not a peer's timeout), else the silent."""
-        errors = {rank: r for rank, r in replies.items() if r["op"] == Op.ERROR}
-        root = [(rank, r) for rank, r in sorted(errors.items()) if r["kind"] != ErrorKind.PEER]
-        if root:
-            rank, reply = root[0]
-            w = self._workers[rank]
-            note = f"; ranks {sorted(pending)} {others}" if pending else ""
-            return WorkerFailureError(f"{label} failed on worker rank {rank} (pid {w.pid}): {reply['text']}{note}",
-                                      rank, reply["trace"] or reply["text"])
-        if pending:
-            return self._stuck(label, pending, "did not answer while its peers waited for it in a collective")
-        rank, reply = min(errors.items())
-        return WorkerFailureError(f"{label} failed on worker rank {rank}: {reply['text']}", rank,
-                                  reply["trace"] or reply["text"])
-
-    def _stuck(self, label: str, pending: dict[int, _Worker], why: str) -> WorkerFailureError:
-        ranks = sorted(pending)
-        who = ", ".join(f"rank {r} (pid {pending[r].pid}, {pending[r].device})" for r in ranks)
-        text = f"worker {who} {why}: it is stuck (stopped, deadlocked or out of step)"
-        return WorkerFailureError(f"{label} failed: {text}", ranks[0], text)
-
-    def _output(self, label: str, replies: dict[int, dict]) -> Any:
-        if self.check_outputs:
-            differing = [rank for rank, r in replies.items() if r["digest"] != replies[0]["digest"]]
-            if differing:
-                raise _Failure(WorkerFailureError(
-                    f"{label}: outputs of ranks {differing} differ from rank 0's: the workers drifted apart",
-                    differing[0], "output digests differ"))
-        return wire.load(replies[0]["output"], "cpu")
-
-    def _collect(self, seq: int, label: str, limit: float | None) -> tuple[dict[int, dict], dict[int, _Worker]]:
-        """Replies to message ``seq`` until every worker answered, or ``self._grace`` after the first error (the
-        others are then stuck). Raises :class:`_Failure` on a death, an out-of-step reply, ``limit`` seconds or
-        an interrupt by ``close(wait=False)``."""
-        pending = {w.rank: w for w in self._workers}
-        replies: dict[int, dict] = {}
-        started = time.monotonic()
-        first_error: float | None = None
-        while pending:
-            now = time.monotonic()
-            if self._interrupt.is_set():
-                raise _Failure(WorkerFailureError(f"{label} was interrupted: the engine is closing"))
-            if limit is not None and now - started > limit:
-                raise _Failure(self._stuck(label, pending, f"did not finish {label} within {limit:g}s"))
-            if first_error is not None and now - first_error > self._grace:
-                break
-            conns = {w.conn: w for w in pending.values()}
-            sentinels = {w.process.sentinel: w for w in pending.values()}
-            for obj in multiprocessing.connection.wait(list(conns) + list(sentinels), timeout=0.2):
-                w = conns.get(obj) or sentinels.get(obj)
-                if w is None or w.rank not in pending:
-                    continue
-                try:
-                    if obj in sentinels and not w.conn.poll():
-                        raise EOFError
-                    reply = wire.recv(w.conn)
-                except (EOFError, OSError):
-                    w.process.join(timeout=1.0)
-                    raise _Failure(self._death(w, label, _exit_text(w.process.exitcode))) from None
-                del pending[w.rank]
-                if reply.get("seq") != seq:
-                    raise _Failure(WorkerFailureError(
-                        f"{label}: worker rank {w.rank} answered message {reply.get('seq')} instead of {seq}: "
-                        "out of step", w.rank))
-                replies[w.rank] = reply
-                if reply["op"] == Op.ERROR and first_error is None:
-                    first_error = time.monotonic()
-        return replies, pending
-
-    @staticmethod
-    def _death(w: _Worker, label: str, how: str) -> WorkerFailureError:
-        text = f"worker rank {w.rank} (pid {w.pid}, {w.device}) {how}"
-        return WorkerFailureError(f"{label} failed: {text}", w.rank, text)
 
     def _fail(self, error: WorkerFailureError) -> None:
         """The world is broken: its survivors could wait in a collective, so tear it down; maybe restart."""
@@ -606,13 +437,10 @@ class Engine:
 
     def _watch_idle(self) -> None:
         with self._lock:
-            if self._state != EngineState.READY:
-                return
-            dead = [w for w in self._workers if not w.process.is_alive()]
-        if dead:
-            w = dead[0]
-            w.process.join(timeout=1.0)
-            self._fail(self._death(w, "while idle", _exit_text(w.process.exitcode)))
+            world = self._world if self._state == EngineState.READY else None
+        death = world.dead_worker() if world is not None else None
+        if death is not None:
+            self._fail(death)
 
     # -- starting and stopping workers ------------------------------------------------------------------------
 
@@ -627,8 +455,10 @@ class Engine:
         with self._lock:
             if self._state != EngineState.RESTARTING:
                 self._state = EngineState.STARTING
+            self._worlds += 1
+            world = self._world = World(self._config, self._worlds, self._interrupt)
         try:
-            self._spawn()
+            world.start(self._ctx)
         except BaseException as err:
             self._teardown(graceful=False)
             with self._lock:
@@ -636,76 +466,15 @@ class Engine:
                 self._last_error = str(err)
             raise
         with self._lock:
+            self._info = world.info
             self._state = EngineState.READY
             self._last_error = None
 
-    def _spawn(self) -> None:
-        self._worlds += 1
-        store = os.path.join(self._rendezvous_dir, f"world-{self._worlds}")
-        loopback = _loopback_interface()
-        workers = []
-        for rank, device in enumerate(self.devices):
-            parent, child = self._ctx.Pipe(duplex=True)
-            process = self._ctx.Process(
-                target=worker_main, name=f"pycfg-worker-{rank}", daemon=True,
-                args=(rank, self.cfg_parallel_size, store, device, self.worker_threads, self._factory,
-                      self.timeout, self._compile_options, os.getpid(), loopback, child),
-            )
-            process.start()
-            child.close()  # so the driver sees EOF when the worker dies
-            workers.append(_Worker(rank, process, parent, device))
-        with self._lock:
-            self._workers = workers
-        self._seq = 0
-        deadline = time.monotonic() + self.startup_timeout
-        pending = {w.rank: w for w in workers}
-        infos: dict[int, dict] = {}
-        while pending:
-            if time.monotonic() > deadline:
-                raise WorkerFailureError(f"workers {sorted(pending)} did not start within "
-                                         f"startup_timeout={self.startup_timeout:g}s", min(pending))
-            conns = {w.conn: w for w in pending.values()}
-            sentinels = {w.process.sentinel: w for w in pending.values()}
-            for obj in multiprocessing.connection.wait(list(conns) + list(sentinels), timeout=0.5):
-                w = conns.get(obj) or sentinels.get(obj)
-                if w is None or w.rank not in pending:
-                    continue
-                try:
-                    if obj in sentinels and not w.conn.poll():
-                        raise EOFError
-                    reply = wire.recv(w.conn)
-                except (EOFError, OSError):
-                    w.process.join(timeout=1.0)
-                    raise self._death(w, "startup", _exit_text(w.process.exitcode)) from None
-                if reply["op"] != Op.READY:
-                    raise WorkerFailureError(f"worker rank {w.rank} failed to start: {reply['text']}", w.rank,
-                                             reply["trace"] or reply["text"])
-                infos[w.rank] = reply
-                del pending[w.rank]
-        with self._lock:
-            self._info = infos[0]
-
     def _teardown(self, graceful: bool) -> None:
         with self._lock:
-            workers, self._workers = self._workers, []
-        if graceful:
-            for w in workers:
-                try:
-                    wire.send(w.conn, Op.CLOSE)
-                except (OSError, ValueError):
-                    pass
-            deadline = time.monotonic() + 10.0
-            for w in workers:
-                w.process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for w in workers:
-            if w.process.is_alive():
-                w.process.kill()
-            w.process.join(timeout=10.0)
-            w.conn.close()
-        if workers:
-            store = os.path.join(self._rendezvous_dir, f"world-{self._worlds}")
-            if os.path.exists(store):
-                os.remove(store)
+            world, self._world = self._world, None
+        if world is not None:
+            world.stop(graceful)
 
     def __del__(self) -> None:
         # a forgotten engine must not leave workers behind; daemonic workers also die with the interpreter
