@@ -188,7 +188,8 @@ def test_malformed_traffic(server):
     assert health(server)["status"] == "ready"
 
 
-def test_half_open_connections_and_50_concurrent_clients(server):
+def test_half_open_connections_and_50_concurrent_clients(server, client):
+    generate(client)  # the driver's first answer loads what every later one reuses: measure from a warm server
     before = proc_status(server.proc.pid)
     # 100 connections that send half a request head and stop: no thread each, closed after --header-timeout
     half_open = []
@@ -218,7 +219,7 @@ def test_half_open_connections_and_50_concurrent_clients(server):
         else:
             assert assert_clean_error(reply)["type"] == "rate_limit_exceeded"
     after = proc_status(server.proc.pid)
-    # bounds: a few threads (the thread pool that encodes PNGs), 64 MiB of memory
+    # bounds: a few threads (the thread pool that encodes PNGs), 64 MiB of memory (measured: +1 thread, +1 MiB)
     assert after["Threads"] <= before["Threads"] + 8, (before, after)
     assert after["VmRSS"] <= before["VmRSS"] + 64 * 1024, (before, after)
     wait_for(lambda: health(server)["queue_depth"] == 0, 10, "every handler to return")
