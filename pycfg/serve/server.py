@@ -74,8 +74,16 @@ def parser() -> argparse.ArgumentParser:
     engine.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                         help="the fused combine + scheduler kernel (auto: on CUDA only)")
     engine.add_argument("--comm", choices=["auto", "nccl-ext", "torch"], default="auto")
-    engine.add_argument("--compile-transformer", action="store_true", help="torch.compile the branch forwards")
+    engine.add_argument("--compile-transformer", choices=["off", "full", "regional"], default="off",
+                        help="torch.compile the transformer: the whole model or each repeated block")
     engine.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    engine.add_argument("--batch-branches", choices=["auto", "on", "off"], default="auto",
+                        help="same-shape branches on one rank as one batched forward (auto: when compiled)")
+    engine.add_argument("--text-bucket", type=int, default=None,
+                        help="pad text inputs to a multiple of this many tokens (fewer compiled shapes)")
+    engine.add_argument("--noise", choices=["philox", "diffusers"], default="philox",
+                        help="noise of stochastic solvers on the fused path")
+    engine.add_argument("--check-finite", action="store_true", help="refuse NaN/Inf inputs and results")
     return p
 
 
@@ -119,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         logger.warning(warning)
 
-    compile_options = {"exchange": args.exchange, "fused": _tristate(args.fused), "comm": args.comm,
-                       "compile_transformer": args.compile_transformer, "cuda_graphs": _tristate(args.cuda_graphs)}
+    compile_options = {
+        "exchange": args.exchange, "fused": _tristate(args.fused), "comm": args.comm,
+        "compile_transformer": False if args.compile_transformer == "off" else args.compile_transformer,
+        "cuda_graphs": _tristate(args.cuda_graphs), "batch_branches": _tristate(args.batch_branches),
+        "text_bucket": args.text_bucket, "noise": args.noise, "check_finite": args.check_finite,
+    }
     logger.info("starting %d worker(s) for %s (%s)", args.cfg_parallel_size, spec.name, spec.pipeline_class)
     try:
         engine = pycfg.Engine(spec.factory, cfg_parallel_size=args.cfg_parallel_size, devices=args.devices,
