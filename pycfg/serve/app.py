@@ -87,11 +87,11 @@ def _client_message(err: BaseException) -> str:
 def _param_named_in(message: str, kwargs: dict[str, Any]) -> str | None:
     """The request field an engine error is about: the argument it names (quoted first), as the client calls it."""
     head = message.split("allowed:", 1)[0]  # past it, a list of every argument the pipeline takes
-    names = sorted(kwargs, key=len, reverse=True)
     for pattern in ("'{}'", r"\b{}\b"):
-        for name in names:
-            if re.search(pattern.format(re.escape(name)), head):
-                return API_FIELD.get(name, name)
+        found = [(match.start(), name) for name in kwargs
+                 if (match := re.search(pattern.format(re.escape(name)), head))]
+        if found:
+            return API_FIELD.get(min(found)[1], min(found)[1])
     return None
 
 
