@@ -43,9 +43,9 @@ SLOW = dict(size="128x128", extra_body=dict(negative_prompt="blurry", true_cfg_s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--cfg-parallel-size", "2", "--max-queue", "1",
-                       "--max-steps", "200", "--max-body-bytes", str(MAX_BODY), "--header-timeout", "2",
-                       "--body-timeout", "2", "--timeout", "20")
+    srv = start_server(tmp_path_factory.mktemp("serve"), MODEL, "--cfg-parallel-size", "2", "--devices", "cpu", "cpu",
+                       "--max-queue", "1", "--max-steps", "200", "--max-body-bytes", str(MAX_BODY),
+                       "--header-timeout", "2", "--body-timeout", "2", "--timeout", "20")
     yield srv
     stop_server(srv)
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif("QwenImageEditPipeline" not in pycfg.supported_p
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("serve-edits"), MODEL, "--cfg-parallel-size", "2", "--timeout", "20")
+    srv = start_server(tmp_path_factory.mktemp("serve-edits"), MODEL, "--cfg-parallel-size", "2",
+                       "--devices", "cpu", "cpu", "--timeout", "20")
     yield srv
     stop_server(srv)
 

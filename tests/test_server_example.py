@@ -17,6 +17,8 @@ pytest.importorskip("httpx")
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "server.py")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the example's engine picks GPUs when there are enough; this "
+                    "test compares with the CPU pipeline")
 def test_embedded_engine_returns_the_stock_image():
     from fastapi.testclient import TestClient
     from PIL import Image

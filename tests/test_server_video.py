@@ -21,7 +21,8 @@ MODEL = "tiny:wan"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("serve-video"), MODEL, "--cfg-parallel-size", "2", "--timeout", "20")
+    srv = start_server(tmp_path_factory.mktemp("serve-video"), MODEL, "--cfg-parallel-size", "2",
+                       "--devices", "cpu", "cpu", "--timeout", "20")
     yield srv
     stop_server(srv)
 
