@@ -151,11 +151,12 @@ def test_auth_unknown_model_and_wrong_endpoint(server, client):
         client.get("/no/such/path", cast_to=object)
 
 
-def test_body_over_the_limit_is_413(client):
+def test_body_over_the_limit_is_413(server, client):
     with pytest.raises(openai.APIStatusError) as info:
         generate(client, negative_prompt="x" * (MAX_BODY + 1))
     assert info.value.status_code == 413
     assert_clean_error({"error": info.value.body})
+    assert 'outcome="too_large"} 1.0' in get(server.url, "/metrics")[1].decode()
 
 
 def test_malformed_traffic(server):

@@ -43,6 +43,7 @@ from .schemas import (
     pipeline_arguments,
     seed_of,
 )
+from .transport import BodyLimit
 
 logger = logging.getLogger("pycfg.serve")
 
@@ -69,6 +70,9 @@ class ServeSettings:
         if isinstance(self.max_body_bytes, bool) or not isinstance(self.max_body_bytes, int) or \
                 self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
+        if isinstance(self.body_timeout, bool) or not isinstance(self.body_timeout, (int, float)) or \
+                not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be a positive number of seconds, got {self.body_timeout!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")
 
@@ -123,8 +127,8 @@ def _mp4(frames, fps: int) -> str:
 def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app serving ``engine`` (already started, running ``spec``'s pipeline).
 
-    The app does not own the engine: whoever created the engine closes it. Wrap the app in
-    :class:`pycfg.serve.transport.BodyLimit` (as `pycfg serve` does) to bound request bodies.
+    The app does not own the engine: whoever created the engine closes it. Serve it with uvicorn's h11 protocol
+    and :class:`pycfg.serve.transport.HeaderTimeoutH11Protocol` (as `pycfg serve` does) to bound request heads.
     """
     settings = settings or ServeSettings()
     app = FastAPI(title="pycfg", version=pycfg.__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -208,6 +212,8 @@ def create_app(engine: pycfg.Engine, spec: ModelSpec, settings: ServeSettings | 
 
     app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(ClientDisconnect, client_gone)  # gone while its body was being read
+    # the last one added runs first: every answer is counted, a body's 413 and 408 too
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, read_timeout=settings.body_timeout)
     app.add_middleware(_CountRequests, metrics=metrics, routes=_ROUTES)
 
     async def json_body(request: Request) -> Any:

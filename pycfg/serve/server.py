@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import pycfg
 
     from .app import ServeSettings, create_app
-    from .transport import BodyLimit, HeaderTimeoutH11Protocol
+    from .transport import HeaderTimeoutH11Protocol
 
     try:
         spec = load_model_spec(args.model, args.dtype)
@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         engine.warmup()
-        app = BodyLimit(create_app(engine, spec, settings), settings.max_body_bytes, settings.body_timeout)
         config = uvicorn.Config(
-            app, host=args.host, port=args.port, http=HeaderTimeoutH11Protocol.with_timeout(args.header_timeout),
-            lifespan="off", log_level=args.log_level, limit_concurrency=args.max_connections, timeout_keep_alive=5,
-            timeout_graceful_shutdown=5, server_header=False,
+            create_app(engine, spec, settings), host=args.host, port=args.port, lifespan="off",
+            http=HeaderTimeoutH11Protocol.with_timeout(args.header_timeout), log_level=args.log_level,
+            limit_concurrency=args.max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=5,
+            server_header=False,
         )
         # uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found: make that one
         # return, so the engine below closes its workers and the command exits 0
