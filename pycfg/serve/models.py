@@ -80,8 +80,8 @@ def _local_pipeline(path: str, dtype: str | None, device=None):
     import torch
     from diffusers import DiffusionPipeline
 
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtypes[dtype] if dtype else None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
