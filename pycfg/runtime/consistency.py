@@ -128,12 +128,6 @@ def agree(comm, digest: bytes, described: dict[str, Any], error: BaseException |
     )
 
 
-def check_same_arguments(comm, arguments: dict[str, Any]) -> None:
-    """Raise on every rank, naming the arguments that differ, unless every rank passed the same ``arguments``."""
-    digest, described = fingerprint(arguments)
-    agree(comm, digest, described)
-
-
 def checksum(t: torch.Tensor) -> torch.Tensor:
     """Two int64 words that change with any bit of ``t``: a plain and a position-weighted sum of its bytes."""
     data = t.detach().contiguous().reshape(-1).view(torch.uint8).to(torch.int64)
