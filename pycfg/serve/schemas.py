@@ -53,6 +53,10 @@ class _Request(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
+    def task_arguments(self, spec: ModelSpec, bounds: Limits) -> dict[str, Any]:
+        """The arguments only this endpoint's pipelines take."""
+        return {"num_images_per_prompt": self.n}
+
 
 class ImageGenerationRequest(_Request):
     """``POST /v1/images/generations`` (JSON)."""
@@ -63,12 +67,30 @@ class ImageEditRequest(_Request):
 
     strength: float | None = Field(None, ge=0, le=1)
 
+    def task_arguments(self, spec: ModelSpec, bounds: Limits) -> dict[str, Any]:
+        args = super().task_arguments(spec, bounds)
+        if self.strength is not None:
+            args["strength"] = self.strength
+        return args
+
 
 class VideoRequest(_Request):
     """``POST /v1/videos`` (JSON). ``response_format``: ``"mp4"`` (default) or ``"png_frames"``."""
 
     num_frames: int | None = Field(None, ge=1)
     fps: int | None = Field(None, ge=1, le=120)
+
+    def task_arguments(self, spec: ModelSpec, bounds: Limits) -> dict[str, Any]:
+        args: dict[str, Any] = {"num_videos_per_prompt": self.n}
+        frames = self.num_frames if self.num_frames is not None else spec.default_frames
+        if frames is not None:
+            if bounds.max_frames is not None and frames > bounds.max_frames:
+                raise invalid(f"num_frames must be at most {bounds.max_frames}, got {frames}.", "num_frames")
+            if (frames - 1) % spec.frame_multiple:
+                raise invalid(f"num_frames - 1 must be a multiple of {spec.frame_multiple} for this model, got "
+                              f"{frames}.", "num_frames")
+            args["num_frames"] = frames
+        return args
 
 
 def parse(model: type[_Request], data: Any) -> _Request:
@@ -139,20 +161,7 @@ def pipeline_arguments(spec: ModelSpec, req: _Request, limits: RequestLimits, bo
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     kwargs["output_type"] = "pil"
-    if isinstance(req, VideoRequest):
-        kwargs["num_videos_per_prompt"] = req.n
-        frames = req.num_frames if req.num_frames is not None else spec.default_frames
-        if frames is not None:
-            if bounds.max_frames is not None and frames > bounds.max_frames:
-                raise invalid(f"num_frames must be at most {bounds.max_frames}, got {frames}.", "num_frames")
-            if (frames - 1) % spec.frame_multiple:
-                raise invalid(f"num_frames - 1 must be a multiple of {spec.frame_multiple} for this model, got "
-                              f"{frames}.", "num_frames")
-            kwargs["num_frames"] = frames
-    else:
-        kwargs["num_images_per_prompt"] = req.n
-    if isinstance(req, ImageEditRequest) and req.strength is not None:
-        kwargs["strength"] = req.strength
+    kwargs.update(req.task_arguments(spec, bounds))
     return kwargs
 
 
