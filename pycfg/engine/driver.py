@@ -448,7 +448,9 @@ class Engine:
         self._teardown(graceful=False)
         with self._lock:
             self._restarts += 1
-        self._interrupt.clear()
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            self._interrupt.clear()
         self._start_world()
 
     def _start_world(self) -> None:

@@ -120,6 +120,8 @@ class World:
         deadline = time.monotonic() + cfg.startup_timeout
         pending = {w.rank: w for w in self.workers}
         while pending:
+            if self.interrupt.is_set():
+                raise WorkerFailureError("the workers' startup was interrupted: the engine is closing")
             if time.monotonic() > deadline:
                 raise WorkerFailureError(f"workers {sorted(pending)} did not start within "
                                          f"startup_timeout={cfg.startup_timeout:g}s", min(pending))
