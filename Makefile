@@ -24,7 +24,7 @@ $(VENV)/.ready: pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	  then :; else echo "torch: installing $(TORCH_SPEC) from the default index"; $(PY) -m pip install -q "$(TORCH_SPEC)"; fi; }
 	$(PY) -m pip install -q scikit-build-core pybind11
 	# --no-build-isolation: build the extension against the venv's own pybind11, with no second download
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,serve]"
 	$(PY) -c "import pycfg; from pycfg.parallel.nccl import unavailable_reason as r; print('pycfg', pycfg.__version__, '| NCCL extension:', r() or 'ready')"
 	touch $@
 

@@ -8,8 +8,25 @@ from . import guidance
 from .adapters import register_adapter, supported_pipelines
 from .adapters.base import Adapter, AdapterCapabilities
 from .api import CompiledPipeline, compile
-from .engine import Engine, EngineError, EngineUnhealthyError, InvalidRequestError, WorkerFailureError
-from .errors import ArgumentMismatchError, ConsistencyError, PycfgError, RankFailureError
+from .engine import (
+                     Engine,
+                     EngineError,
+                     EngineHealth,
+                     EngineState,
+                     EngineUnhealthyError,
+                     InvalidRequestError,
+                     Limits,
+                     RequestFailedError,
+                     WorkerFailureError,
+)
+from .errors import (
+                     ArgumentMismatchError,
+                     ConsistencyError,
+                     InvalidArgumentError,
+                     PreparationError,
+                     PycfgError,
+                     RankFailureError,
+)
 from .options import CompileOptions
 
 __version__ = "0.1.0"
@@ -22,8 +39,12 @@ __all__ = [
     "AdapterCapabilities",
     "Engine",
     "EngineError",
+    "EngineHealth",
+    "EngineState",
     "EngineUnhealthyError",
     "InvalidRequestError",
+    "Limits",
+    "RequestFailedError",
     "WorkerFailureError",
     "guidance",
     "supported_pipelines",
@@ -31,5 +52,7 @@ __all__ = [
     "PycfgError",
     "RankFailureError",
     "ArgumentMismatchError",
+    "InvalidArgumentError",
+    "PreparationError",
     "ConsistencyError",
 ]

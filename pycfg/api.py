@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -18,20 +18,34 @@ from .guidance import GuidancePolicy
 from .options import CompileOptions
 from .parallel.comm import Communicator, make_comm
 from .parallel.context import check_pipeline, context_parallel_info
-from .parallel.groups import form_cfg_group
+from .parallel.groups import form_cfg_group, release_cfg_group
+from .runtime.checks import check_finite_result, check_job, check_tensor_arguments
 from .runtime.compiled import choose_batching
 from .runtime.compiled import compile_transformer as _compile_transformer
-from .runtime.consistency import check_same_arguments, describe_value
+from .runtime.consistency import agree, describe_value, fingerprint
 from .runtime.denoise import denoise
+from .runtime.job import Job
 
 logger = logging.getLogger("pycfg")
+
+
+@dataclass(frozen=True)
+class AdmittedCall:
+    """A call every rank of the group checked, prepared and agreed on (see :meth:`CompiledPipeline.admit`); no
+    forward has run yet."""
+
+    args: dict[str, Any]
+    guidance: GuidancePolicy | None
+    job: Job
+    key: tuple
 
 
 class CompiledPipeline:
     """A diffusers pipeline whose guidance branches run in parallel over a CFG group.
 
     Call it with the pipeline's own keyword arguments (plus an optional ``guidance=`` policy); it returns the
-    pipeline's own output type, the same on every rank of the group.
+    pipeline's own output type, the same on every rank of the group. ``close()`` (or ``with``) releases its
+    process group and communicator.
     """
 
     def __init__(self, pipeline, adapter: Adapter, comm: Communicator, options: CompileOptions) -> None:
@@ -40,6 +54,7 @@ class CompiledPipeline:
         self.comm = comm
         #: the validated options, with every "decide from the device" choice made
         self.options = options
+        self._closed = False
         #: wall time of each denoising step of the last call, in seconds
         self.last_step_times: list[float] = []
         self._lock = threading.Lock()
@@ -75,31 +90,92 @@ class CompiledPipeline:
         return self.comm.rank
 
     def __call__(self, **kwargs: Any):
-        guidance = kwargs.pop("guidance", self.options.guidance)
-        if guidance is not None and not isinstance(guidance, GuidancePolicy):
-            raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
         with self._lock, torch.no_grad():
-            args = self.adapter.check(kwargs)
-            # before any compute: every rank must have been called the same way
-            check_same_arguments(
-                self.request_comm, {**args, "__guidance__": guidance, "__exchange__": self.options.exchange}
-            )
-            if self.request_mesh is not None:
-                from .parallel.context import check_split
+            return self._run(self._admit(kwargs))
 
-                check_split(self.adapter.context_parallel_lengths(args), self.request_mesh.layout)
-            if guidance is not None:
-                _check_exchange(self.options.exchange, guidance, self.comm.size)
-            job = self.adapter.prepare(args, guidance)
-            _check_exchange(self.options.exchange, job.policy, self.comm.size)
-            batched = self._batched(_shape_key(args, guidance, self.comm.size), job)
-            if self.step_graphs is not None:
-                self.step_graphs.shape_key = (_graph_key(args, self.adapter), _weights_key(self.adapter))
-            latents, self.last_step_times = denoise(
-                job, self.comm, exchange=self.options.exchange, check_consistency=self.options.check_consistency,
-                batched=batched, step_graphs=self.step_graphs, request_comm=self.request_comm,
-            )
-            return job.finish(latents)
+    def admit(self, **kwargs: Any) -> AdmittedCall:
+        """Check and prepare a call on this rank, and agree on it with every rank, before any forward.
+
+        Raises (every rank, at once) if any rank rejects the call: that rank its own error, the others
+        :class:`~pycfg.errors.InvalidArgumentError` or :class:`~pycfg.errors.PreparationError` naming it.
+        ``fast(**kw)`` is ``fast.run(fast.admit(**kw))``; a caller that must tell a rejected call from one that
+        failed while running calls the two halves itself.
+        """
+        with self._lock, torch.no_grad():
+            return self._admit(kwargs)
+
+    def run(self, call: AdmittedCall):
+        """Run an admitted call (see :meth:`admit`) and return the pipeline's output."""
+        with self._lock, torch.no_grad():
+            return self._run(call)
+
+    def _admit(self, kwargs: dict[str, Any]) -> AdmittedCall:
+        if self._closed:
+            raise RuntimeError("this compiled pipeline was closed; compile the pipeline again")
+        guidance = kwargs.pop("guidance", self.options.guidance)
+        error: Exception | None = None
+        args, job, key = kwargs, None, None
+        try:
+            if guidance is not None and not isinstance(guidance, GuidancePolicy):
+                raise TypeError(f"guidance must be a pycfg.guidance policy, got {type(guidance).__name__}")
+            args = self.adapter.check(kwargs)
+            check_tensor_arguments(args, finite=self.options.check_finite)
+        except Exception as err:  # agreed on below, so that every rank raises
+            error = err
+        digest, described = fingerprint({**args, "__guidance__": guidance, "__exchange__": self.options.exchange})
+        if error is None:
+            try:
+                if self.request_mesh is not None:
+                    from .parallel.context import check_split
+
+                    check_split(self.adapter.context_parallel_lengths(args), self.request_mesh.layout)
+                if guidance is not None:
+                    _check_exchange(self.options.exchange, guidance, self.comm.size)
+                key = _shape_key(args, guidance, self.comm.size)
+                job = self.adapter.prepare(args, guidance)
+                _check_exchange(self.options.exchange, job.policy, self.comm.size)
+                check_job(job, args, finite=self.options.check_finite)
+            except Exception as err:
+                error = err
+        # before any forward: every rank serving the request was called the same way and accepted the call, or
+        # every rank raises
+        agree(self.request_comm, digest, described, error)
+        return AdmittedCall(args, guidance, job, key)
+
+    def _run(self, call: AdmittedCall):
+        args, job = call.args, call.job
+        batched = self._batched(call.key, job)
+        if self.step_graphs is not None:
+            self.step_graphs.shape_key = (_graph_key(args, self.adapter), _weights_key(self.adapter))
+        latents, self.last_step_times = denoise(
+            job, self.comm, exchange=self.options.exchange, check_consistency=self.options.check_consistency,
+            batched=batched, step_graphs=self.step_graphs, request_comm=self.request_comm,
+        )
+        if self.options.check_finite:
+            check_finite_result(latents)
+        return job.finish(latents)
+    def close(self) -> None:
+        """Release what :func:`compile` created for this pipeline: the communicator, and the CFG group when pycfg
+        created it and no other compiled pipeline uses it (a ``group=`` of yours is left alone). The pipeline
+        itself is untouched. Idempotent; calls afterwards raise. Every rank must close, as every rank compiled.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.step_graphs = None
+            self.comm.close()
+            release_cfg_group(self.comm.group)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> CompiledPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _batched(self, key: tuple, job) -> bool:
         """Whether this request's same-shape branches share batched forwards (measured once per shape for
@@ -145,6 +221,7 @@ class CompiledPipeline:
             else "scheduler.step() (reference)",
             "check_consistency": self.options.check_consistency,
             "timeout": self.options.timeout,
+            "check_finite": self.options.check_finite,
             "batch_branches": self.batch_mode,
             "batch_choices": {repr(k): v for k, v in self.batch_choices.items()},
             "text_bucket": self.adapter.text_bucket,
@@ -238,6 +315,7 @@ def compile(
     text_bucket: int | None = None,
     ring_degree: int = 1,
     ulysses_degree: int = 1,
+    check_finite: bool = False,
 ) -> CompiledPipeline:
     """Make ``pipeline`` CFG-parallel over ``cfg_parallel_size`` ranks.
 
@@ -288,15 +366,18 @@ def compile(
             and a context-parallel attention backend; it is parallelised once, for one layout. Sequences must split
             evenly (Qwen-Image pads its text with a mask; see ``describe()["context_parallel"]``). Whole-step CUDA
             graphs are off with context parallelism (steps run eagerly).
+        check_finite: raise a ``ValueError`` naming the argument when a tensor argument (embeddings, latents)
+            holds NaN or Inf, and a ``FloatingPointError`` when the denoised latents do. Off (the default) it
+            costs nothing.
 
     Returns:
-        A :class:`CompiledPipeline`: call it like the pipeline.
+        A :class:`CompiledPipeline`: call it like the pipeline; ``close()`` it (or use ``with``) when done.
     """
     options = CompileOptions(
         cfg_parallel_size=cfg_parallel_size, exchange=exchange, fused=fused, check_consistency=check_consistency,
         timeout=timeout, guidance=guidance, comm=comm, batch_branches=batch_branches, noise=noise,
         compile_transformer=compile_transformer, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
-        text_bucket=text_bucket, ring_degree=ring_degree, ulysses_degree=ulysses_degree,
+        text_bucket=text_bucket, ring_degree=ring_degree, ulysses_degree=ulysses_degree, check_finite=check_finite,
     )
     return compile_with_options(pipeline, options, group=group)
 
@@ -336,7 +417,12 @@ def compile_with_options(pipeline, options: CompileOptions, *, group: dist.Proce
         pg = request_mesh.cfg_group
     else:
         pg = form_cfg_group(options.cfg_parallel_size, device=device, timeout=options.timeout, group=group)
-    comm = make_comm(pg, device=device, timeout=options.timeout, comm=options.comm)
+    try:
+        comm = make_comm(pg, device=device, timeout=options.timeout, comm=options.comm)
+    except BaseException:
+        if request_mesh is None:
+            release_cfg_group(pg)
+        raise
     compiled = CompiledPipeline(pipeline, adapter, comm, options)
     if request_mesh is not None:
         compiled.request_mesh = request_mesh

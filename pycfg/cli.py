@@ -1,6 +1,7 @@
-"""The ``pycfg`` command line: ``pycfg demo``, ``pycfg bench``, ``pycfg env``.
+"""The ``pycfg`` command line: ``pycfg demo``, ``pycfg serve``, ``pycfg bench``, ``pycfg env``.
 
     pycfg demo [--steps 20] [--config tiny|demo|small]   the embedded default job (what `make demo` runs)
+    pycfg serve [MODEL] [--cfg-parallel-size N] ...      an OpenAI-compatible image server (the 'serve' extra)
     pycfg bench [pipeline|kernels|comm] [ARGS...]        the benchmarks of a source checkout
     pycfg env [--json]                                   versions, devices, NCCL and the extension
 """
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", add_help=False,
                    help="run the embedded default job: a tiny Qwen-Image pipeline, stock vs CFG-parallel on 2 "
                         "local processes")
+    sub.add_parser("serve", add_help=False,
+                   help="serve a pipeline behind OpenAI's Images API, CFG-parallel (pip install 'pycfg[serve]')")
     sub.add_parser("bench", add_help=False, help="run a benchmark of a source checkout (pipeline, kernels, comm)")
     env = sub.add_parser("env", help="print Python, torch, diffusers and triton versions, devices, NCCL and "
                                      "the NCCL extension's state",
@@ -43,6 +46,18 @@ def _demo(argv: list[str]) -> int:
     from . import demo
 
     return demo.main(argv)
+
+
+# -- pycfg serve ----------------------------------------------------------------------------------------------
+
+
+def _serve(argv: list[str]) -> int:
+    try:
+        from .serve import server
+    except ImportError as err:
+        print(f"pycfg serve needs the 'serve' extra: pip install 'pycfg[serve]' ({err})", file=sys.stderr)
+        return 2
+    return server.main(argv)
 
 
 # -- pycfg bench ----------------------------------------------------------------------------------------------
@@ -213,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pycfg`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    # demo and bench own their arguments (including --help): hand them over untouched
+    # demo, serve and bench own their arguments (including --help): hand them over untouched
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
+    if argv and argv[0] == "serve":
+        return _serve(argv[1:])
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     if argv and argv[0] == "env":

@@ -54,6 +54,8 @@ class CompileOptions:
     #: context parallelism inside each CFG rank (see ``layout``)
     ring_degree: int = 1
     ulysses_degree: int = 1
+    #: raise on NaN/Inf in tensor arguments and in the denoised latents (free when off)
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         size = self.cfg_parallel_size
@@ -85,6 +87,9 @@ class CompileOptions:
         if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
             raise ValueError(f"text_bucket must be a positive integer or None, got {bucket!r}")
         object.__setattr__(self, "check_consistency", bool(self.check_consistency))
+        if self.check_finite not in (True, False):
+            raise ValueError(f"check_finite must be True or False, got {self.check_finite!r}")
+        object.__setattr__(self, "check_finite", bool(self.check_finite))
         layout = self.layout  # validates ring_degree and ulysses_degree
         if self.cuda_graphs and layout.context_parallel:
             raise ValueError("cuda_graphs=True cannot be combined with ring_degree/ulysses_degree > 1: diffusers' "

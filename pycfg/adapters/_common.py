@@ -27,6 +27,48 @@ def prompt_batch_size(prompt, prompt_embeds) -> int:
     return prompt_embeds.shape[0]
 
 
+def check_text_embeds(a: dict[str, Any], embeds: str, mask: str | None, dim: int) -> None:
+    """A caller's text embeddings (and mask) have the shapes the transformer takes: (batch, tokens, ``dim``)
+    and (batch, tokens); raised here, before any forward, instead of inside one."""
+    e = a.get(embeds)
+    if e is None:
+        return
+    if not isinstance(e, torch.Tensor) or not e.is_floating_point():
+        raise TypeError(f"{embeds} must be a floating-point tensor, got {_kind(e)}")
+    if e.ndim != 3 or e.shape[-1] != dim or e.shape[0] == 0 or e.shape[1] == 0:
+        raise ValueError(f"{embeds} must have shape (batch, tokens, {dim}) with batch, tokens >= 1, "
+                         f"got {tuple(e.shape)}")
+    m = a.get(mask) if mask else None
+    if m is not None and (not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(e.shape[:2])):
+        raise ValueError(f"{mask} must have shape {tuple(e.shape[:2])} (the batch and tokens of {embeds}), "
+                         f"got {_kind(m)}")
+
+
+def check_same_batch(a: dict[str, Any], first: str, second: str) -> None:
+    """Two tensor arguments that must share the batch dimension do."""
+    x, y = a.get(first), a.get(second)
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape[0] != y.shape[0]:
+        raise ValueError(f"{second} has batch {y.shape[0]} but {first} has batch {x.shape[0]}; they must be equal")
+
+
+def check_latents_shape(a: dict[str, Any], expected: Sequence[int], name: str = "latents") -> None:
+    """Caller's latents have the shape the pipeline would have drawn for this request."""
+    x = a.get(name)
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_kind(x)}")
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} for this request (its size, batch and "
+                         f"num_images_per_prompt), got {tuple(x.shape)}")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def callback_tensor_inputs(callback, names: list[str]) -> list[str]:
     """``PipelineCallback`` objects name their own tensor inputs, overriding the call's list (as stock does)."""
     from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback

@@ -32,7 +32,17 @@ from ..guidance import CFG, GuidancePolicy, NoGuidance
 from ..guidance.base import NEGATIVE, PROMPT
 from ..runtime.job import Job
 from ..steps import StepIndex
-from ._common import batch_groups, begin_call, branch_forward, default_size, prompt_batch_size, require_negative
+from ._common import (
+    batch_groups,
+    begin_call,
+    branch_forward,
+    check_latents_shape,
+    check_same_batch,
+    check_text_embeds,
+    default_size,
+    prompt_batch_size,
+    require_negative,
+)
 from .base import Adapter, AdapterCapabilities, own_tensor
 
 #: text inputs of one source: (embeddings, mask or None)
@@ -108,10 +118,27 @@ class QwenImageAdapter(Adapter):
         default_size(self.pipe, a)
 
     def check_inputs(self, a: dict[str, Any]) -> None:
-        """The pipeline's own ``check_inputs`` with this pipeline's arguments."""
-        self.pipe.check_inputs(
+        """The pipeline's own ``check_inputs`` with this pipeline's arguments, then the shapes of the caller's
+        tensors against what the pipeline builds: rejected here, not inside a forward."""
+        pipe = self.pipe
+        pipe.check_inputs(
             a["prompt"], a["height"], a["width"], **self.text_check_kwargs(a),
         )
+        dim = pipe.transformer.config.joint_attention_dim
+        check_text_embeds(a, "prompt_embeds", "prompt_embeds_mask", dim)
+        check_text_embeds(a, "negative_prompt_embeds", "negative_prompt_embeds_mask", dim)
+        check_same_batch(a, "prompt_embeds", "negative_prompt_embeds")
+        if a["latents"] is not None and isinstance(a["num_images_per_prompt"], int):
+            expected = self.latents_shape(a)
+            if expected is not None:
+                check_latents_shape(a, expected)
+
+    def latents_shape(self, a: dict[str, Any]) -> tuple[int, ...] | None:
+        """The packed latents' shape for these arguments (None: not checked before the call)."""
+        batch = prompt_batch_size(a["prompt"], a["prompt_embeds"]) * a["num_images_per_prompt"]
+        # the pipeline's own helper, drawing on the meta device: the shape, no numbers, no generator
+        return tuple(self.pipe.prepare_latents(batch, self.latent_channels(), a["height"], a["width"],
+                                               torch.float32, torch.device("meta"), None).shape)
 
     @staticmethod
     def text_check_kwargs(a: dict[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,9 @@ class LocalComm:
     def synchronize(self) -> None:
         """Nothing is in flight in a group of one."""
 
+    def close(self) -> None:
+        """Nothing to free."""
+
 
 class TorchComm:
     """torch.distributed collectives on one process group."""
@@ -118,6 +121,10 @@ class TorchComm:
     def synchronize(self) -> None:
         """torch.distributed's collectives here complete before they return (gloo), or are checked by its own
         watchdog (NCCL): nothing to wait for."""
+
+    def close(self) -> None:
+        """Nothing of its own to free: the group belongs to whoever created it (see parallel.groups)."""
+
 
 
 logger = logging.getLogger("pycfg")

@@ -8,6 +8,7 @@ A world of k * P ranks serves k independent CFG groups of P ranks each. Groups a
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -52,6 +53,18 @@ def init_world(size: int, *, device: torch.device, timeout: float, what: str, ch
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
 
 
+@dataclass
+class _Owned:
+    """A CFG group pycfg created, shared by every compiled pipeline that uses it."""
+
+    group: dist.ProcessGroup
+    users: int
+
+
+#: groups pycfg created, by (ranks, backend, timeout): compiling again reuses one instead of leaking a new one
+_OWNED: dict[tuple, _Owned] = {}
+
+
 def form_cfg_group(
     cfg_parallel_size: int,
     *,
@@ -62,7 +75,9 @@ def form_cfg_group(
     """The CFG group this rank belongs to, or None for cfg_parallel_size=1 without a caller's group.
 
     Validates the size against the world before creating anything, and initialises the default process group
-    from torchrun's environment (gloo for CPU pipelines, NCCL for CUDA) when nobody has.
+    from torchrun's environment (gloo for CPU pipelines, NCCL for CUDA) when nobody has. A group pycfg creates is
+    shared by later compiles with the same ranks, backend and timeout, and destroyed by :func:`release_cfg_group`
+    when its last user is closed. Every rank must make the same calls, in the same order (they are collective).
     """
     if group is not None:
         size = dist.get_world_size(group)
@@ -81,11 +96,36 @@ def form_cfg_group(
     check_size(cfg_parallel_size, world)
     rank = dist.get_rank()
     backend = "nccl" if device.type == "cuda" else "gloo"
+    first = rank - rank % cfg_parallel_size
+    key = (tuple(range(first, first + cfg_parallel_size)), world, backend, float(timeout))
+    owned = _OWNED.get(key)
+    if owned is not None:
+        owned.users += 1
+        return owned.group
     mine = None
     # every rank must create every group, in the same order
-    for first in range(0, world, cfg_parallel_size):
-        ranks = list(range(first, first + cfg_parallel_size))
+    for start in range(0, world, cfg_parallel_size):
+        ranks = list(range(start, start + cfg_parallel_size))
         created = dist.new_group(ranks, timeout=timedelta(seconds=timeout), backend=backend)
         if rank in ranks:
             mine = created
+    _OWNED[key] = _Owned(mine, 1)
     return mine
+
+
+def release_cfg_group(group: dist.ProcessGroup | None) -> None:
+    """One user of ``group`` is done with it. A group pycfg created is destroyed when its last user releases it;
+    a caller's own group (``group=``) is left alone."""
+    for key, owned in list(_OWNED.items()):
+        if owned.group is group:
+            owned.users -= 1
+            if owned.users == 0:
+                del _OWNED[key]
+                if dist.is_initialized():
+                    dist.destroy_process_group(group)
+            return
+
+
+def owned_groups() -> int:
+    """How many CFG groups pycfg created are alive in this process."""
+    return len(_OWNED)

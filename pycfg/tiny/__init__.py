@@ -1,8 +1,9 @@
 """Small random-weight pipelines built in code: no downloads, fixed seeds. Used by the demo, tests and benchmarks.
 
 ``text_encoder`` and ``tokenizer`` are None by default: pass ``prompt_embeds`` (+ masks) directly, as from any
-encoder. ``qwenimage_pipeline(text_encoder=True)`` also builds a tiny Qwen2.5-VL text encoder and a byte-level
-BPE tokenizer in code, so string prompts go through the pipeline's own ``encode_prompt``. LongCat-Image takes no
+encoder. ``qwenimage_pipeline(text_encoder=True)`` (a tiny Qwen2.5-VL), ``flux_pipeline(text_encoder=True)`` (tiny
+CLIP + T5) and ``wan_pipeline(text_encoder=True)`` (a tiny UMT5) also build text encoders and byte-level BPE
+tokenizers in code, so string prompts go through the pipeline's own ``encode_prompt``. LongCat-Image takes no
 embeds without a prompt string, so its tiny pipelines always carry such an encoder (the edit one with a vision
 tower).
 """
@@ -17,6 +18,7 @@ from .flux import (
     flux_kontext_inputs,
     flux_kontext_pipeline,
     flux_pipeline,
+    flux_text_encoders,
     tiny_image,
     tiny_mask,
 )
@@ -32,6 +34,7 @@ from .longcat import longcat_edit_inputs, longcat_edit_pipeline, longcat_inputs,
 from .ltx import ltx_inputs, ltx_pipeline
 from .ltx2 import ltx2_inputs, ltx2_pipeline
 from .qwenimage import QWENIMAGE_CONFIGS, qwen_text_encoder, qwenimage_inputs, qwenimage_pipeline
+from .qwenimage_edit import qwen_vl_text_encoder, qwenimage_edit_pipeline
 from .qwenimage_variants import QWENIMAGE_VARIANTS, qwenimage_variant_inputs, qwenimage_variant_pipeline
 from .sd3 import sd3_inputs, sd3_pipeline
 from .wan import (
@@ -39,6 +42,7 @@ from .wan import (
     wan_i2v_pipeline,
     wan_inputs,
     wan_pipeline,
+    wan_text_encoder,
     wan_vace_inputs,
     wan_vace_pipeline,
 )
@@ -49,6 +53,8 @@ __all__ = [
     "qwen_text_encoder",
     "qwenimage_pipeline",
     "qwenimage_inputs",
+    "qwen_vl_text_encoder",
+    "qwenimage_edit_pipeline",
     "QWENIMAGE_VARIANTS",
     "qwenimage_variant_pipeline",
     "qwenimage_variant_inputs",
@@ -76,6 +82,7 @@ __all__ = [
     "hunyuanvideo15_inputs",
     "hunyuanvideo15_i2v_pipeline",
     "hunyuanvideo15_i2v_inputs",
+    "flux_text_encoders",
     "sd3_pipeline",
     "sd3_inputs",
     "wan_pipeline",
@@ -84,6 +91,7 @@ __all__ = [
     "wan_i2v_inputs",
     "wan_vace_pipeline",
     "wan_vace_inputs",
+    "wan_text_encoder",
     "ltx_pipeline",
     "ltx_inputs",
     "cogvideox_pipeline",

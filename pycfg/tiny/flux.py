@@ -1,10 +1,39 @@
-"""Flux at a tiny size."""
+"""Flux at a tiny size; optional tiny CLIP and T5 text encoders built in code."""
 
 from __future__ import annotations
 
 import torch
 
-from ._common import _embeds, _ready
+from ._common import _byte_level_tokenizer, _embeds, _ready
+
+_FLUX_CORPUS = ["a lighthouse at dusk", "a photo of a cat", "blurry, low quality", "a red cube on a table"]
+
+
+def flux_text_encoders(seed: int = 0):
+    """(CLIP tokenizer, CLIP text model, T5 tokenizer, T5 encoder) at a tiny size with random weights.
+
+    Hidden sizes match :func:`flux_pipeline`'s transformer (pooled projection 32, joint attention 32). The byte-level
+    tokenizers stand in for CLIP's and T5's own: the pipeline's ``encode_prompt`` runs unchanged on them.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tokenizer = _byte_level_tokenizer(_FLUX_CORPUS)
+    clip_tokenizer.model_max_length = 77  # the pipeline pads CLIP prompts to this length
+    t5_tokenizer = _byte_level_tokenizer(_FLUX_CORPUS)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=clip_tokenizer.eos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )).eval()
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=t5_tokenizer.pad_token_id,
+        eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id,
+    )).eval()
+    return clip_tokenizer, clip, t5_tokenizer, t5
 
 
 def _flux_vae(latent_channels: int):
@@ -15,8 +44,12 @@ def _flux_vae(latent_channels: int):
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
 
-def flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, guidance_embeds: bool = False, scheduler=None):
-    """A FluxPipeline (1 double + 1 single block); ``guidance_embeds=True`` makes it guidance-distilled."""
+def flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, guidance_embeds: bool = False, scheduler=None,
+                  text_encoder: bool = False):
+    """A FluxPipeline (1 double + 1 single block); ``guidance_embeds=True`` makes it guidance-distilled.
+
+    ``text_encoder=True`` adds tiny CLIP and T5 encoders with their tokenizers, so string prompts work.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -26,8 +59,9 @@ def flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, guidance_em
                                          guidance_embeds=guidance_embeds)
     torch.manual_seed(seed)
     vae = _flux_vae(1)
-    pipe = FluxPipeline(scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    tokenizer, clip, tokenizer_2, t5 = flux_text_encoders(seed) if text_encoder else (None, None, None, None)
+    pipe = FluxPipeline(scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
     return _ready(pipe, dtype)
 
 

@@ -1,10 +1,26 @@
-"""Wan 2.1 / 2.2 (text to video) at a tiny size."""
+"""Wan 2.1 / 2.2 (text to video) at a tiny size; an optional tiny UMT5 text encoder built in code."""
 
 from __future__ import annotations
 
 import torch
 
-from ._common import _embeds, _ready
+from ._common import _byte_level_tokenizer, _embeds, _ready
+
+
+def wan_text_encoder(seed: int = 0):
+    """(tokenizer, UMT5 encoder) at a tiny size with random weights; hidden size 32 as the tiny transformer's
+    ``text_dim``. The byte-level tokenizer stands in for UMT5's own: the pipeline's ``encode_prompt`` runs on it."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _byte_level_tokenizer(["a lighthouse at dusk", "a photo of a cat", "blurry, low quality",
+                                       "waves rolling onto a beach"])
+    torch.manual_seed(seed)
+    encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )).eval()
+    return tokenizer, encoder
 
 
 def _wan_transformer(seed: int, in_channels: int = 16, image_dim: int | None = None):
@@ -26,13 +42,18 @@ def _wan_vae(seed: int):
 
 
 def wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, two_experts: bool = False,
-                 boundary_ratio: float = 0.875, scheduler=None):
-    """A WanPipeline; ``two_experts=True`` makes it Wan 2.2 (a second, differently seeded transformer)."""
+                 boundary_ratio: float = 0.875, scheduler=None, text_encoder: bool = False):
+    """A WanPipeline; ``two_experts=True`` makes it Wan 2.2 (a second, differently seeded transformer).
+
+    ``text_encoder=True`` adds a tiny UMT5 encoder and tokenizer, so string prompts work.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     transformer = _wan_transformer(seed)
     transformer_2 = _wan_transformer(seed + 1) if two_experts else None
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=_wan_vae(seed),
+    vae = _wan_vae(seed)
+    tokenizer, encoder = wan_text_encoder(seed) if text_encoder else (None, None)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
                        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
                        transformer=transformer, transformer_2=transformer_2,
                        boundary_ratio=boundary_ratio if two_experts else None)
