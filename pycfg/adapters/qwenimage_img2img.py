@@ -23,24 +23,10 @@ from typing import Any, NamedTuple
 import torch
 
 from ..steps import StepIndex
+from ._pipeline_view import with_scheduler
 from .base import own_tensor
 from .qwenimage import QwenImageAdapter, QwenRequest
 from .qwenimage_edit import QwenImageEditAdapter
-
-
-class SchedulerView:
-    """The pipeline with the request's private scheduler in place of its own, for the pipeline helpers that read
-    ``self.scheduler`` (``get_timesteps``, the noising in ``prepare_latents``): the user's scheduler is never
-    set or stepped."""
-
-    def __init__(self, pipe, scheduler) -> None:
-        self.pipe, self.scheduler = pipe, scheduler
-
-    def __getattr__(self, name: str):
-        return getattr(self.pipe, name)
-
-    def call(self, helper: str, *args):
-        return getattr(type(self.pipe), helper)(self, *args)
 
 
 class QwenImageImg2ImgAdapter(QwenImageAdapter):
@@ -62,8 +48,8 @@ class QwenImageImg2ImgAdapter(QwenImageAdapter):
     def prepare_latents_and_timesteps(self, req: QwenRequest) -> None:
         a = req.args
         self.prepare_timesteps(req)
-        view = SchedulerView(self.pipe, req.scheduler)
-        req.timesteps, steps = view.call("get_timesteps", len(req.timesteps), a["strength"], req.device)
+        view = with_scheduler(self.pipe, req.scheduler)  # the pipeline, seeing the private scheduler
+        req.timesteps, steps = view.get_timesteps(len(req.timesteps), a["strength"], req.device)
         if steps < 1:
             raise ValueError(f"strength={a['strength']} leaves {steps} of {a['num_inference_steps']} steps")
         batch = req.batch_size * a["num_images_per_prompt"]
@@ -78,10 +64,10 @@ class QwenImageImg2ImgAdapter(QwenImageAdapter):
     def begin_index(self, req: QwenRequest) -> int:
         return req.scheduler.begin_index  # ``get_timesteps`` set it where the cut schedule starts
 
-    def prepare_noised_latents(self, req: QwenRequest, view: SchedulerView, timestep, batch: int) -> None:
+    def prepare_noised_latents(self, req: QwenRequest, view, timestep, batch: int) -> None:
         """``req.latents``: the input image's latents noised to ``timestep`` by the pipeline's ``prepare_latents``."""
         a = req.args
-        latents = view.call("prepare_latents", req.images, timestep, batch, self.latent_channels(), req.height,
+        latents = view.prepare_latents(req.images, timestep, batch, self.latent_channels(), req.height,
                             req.width, req.texts["prompt"][0].dtype, req.device, a["generator"], a["latents"])
         req.latents = own_tensor(latents, a["latents"])
 
@@ -116,12 +102,12 @@ class QwenImageInpaintAdapter(QwenImageImg2ImgAdapter):
                                                resize_mode=mode)
         req.images = InpaintImages(image, init.to(dtype=torch.float32), crops, mode)
 
-    def prepare_noised_latents(self, req: QwenRequest, view: SchedulerView, timestep, batch: int) -> None:
+    def prepare_noised_latents(self, req: QwenRequest, view, timestep, batch: int) -> None:
         """As img2img, plus the packed mask and the image latents the blend reads at each step."""
         pipe, a, images = self.pipe, req.args, req.images
         dtype = req.texts["prompt"][0].dtype
-        latents, noise, image_latents = view.call(
-            "prepare_latents", images.init, timestep, batch, self.latent_channels(), req.height, req.width, dtype,
+        latents, noise, image_latents = view.prepare_latents(
+            images.init, timestep, batch, self.latent_channels(), req.height, req.width, dtype,
             req.device, a["generator"], a["latents"])
         req.latents = own_tensor(latents, a["latents"])
         req.image_latents = self.appended_latents(image_latents)

@@ -34,7 +34,7 @@ from .longcat import longcat_edit_inputs, longcat_edit_pipeline, longcat_inputs,
 from .ltx import ltx_inputs, ltx_pipeline
 from .ltx2 import ltx2_inputs, ltx2_pipeline
 from .qwenimage import QWENIMAGE_CONFIGS, qwen_text_encoder, qwenimage_inputs, qwenimage_pipeline
-from .qwenimage_edit import qwen_vl_text_encoder, qwenimage_edit_pipeline
+from .qwenimage_edit import qwenimage_edit_pipeline
 from .qwenimage_variants import QWENIMAGE_VARIANTS, qwenimage_variant_inputs, qwenimage_variant_pipeline
 from .sd3 import sd3_inputs, sd3_pipeline
 from .wan import (
@@ -53,7 +53,6 @@ __all__ = [
     "qwen_text_encoder",
     "qwenimage_pipeline",
     "qwenimage_inputs",
-    "qwen_vl_text_encoder",
     "qwenimage_edit_pipeline",
     "QWENIMAGE_VARIANTS",
     "qwenimage_variant_pipeline",
