@@ -154,6 +154,7 @@ class CompiledPipeline:
         if self.options.check_finite:
             check_finite_result(latents)
         return job.finish(latents)
+
     def close(self) -> None:
         """Release what :func:`compile` created for this pipeline: the communicator, and the CFG group when pycfg
         created it and no other compiled pipeline uses it (a ``group=`` of yours is left alone). The pipeline
