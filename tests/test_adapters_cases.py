@@ -1,8 +1,8 @@
 """Per-rank body shared by the family adapter tests (spawned by pycfg._launch.run_world; must be importable).
 
 A scenario is one request: which tiny pipeline, which inputs, which call arguments. ``run_scenarios`` runs every
-scenario at cfg_parallel_size=2 on both ranks (with per-step consistency checks) and, on rank 0 only, through
-the stock pipeline and through pycfg at cfg_parallel_size=1, so one 2-rank world covers a whole family.
+scenario at cfg_parallel_size=world on every rank (with per-step consistency checks) and, on rank 0 only, through
+the stock pipeline and through pycfg at cfg_parallel_size=1, so one world covers a whole family.
 This module holds no tests itself.
 """
 
@@ -69,12 +69,12 @@ def run_scenarios(rank: int, world: int, scenarios: list[dict]) -> dict:
             pipe = getattr(tiny, spec["pipeline"])(**kwargs)
             pipes[key] = (
                 pipe,
-                pycfg.compile(pipe, cfg_parallel_size=2, check_consistency=True, timeout=300),
+                pycfg.compile(pipe, cfg_parallel_size=world, check_consistency=True, timeout=300),
                 pycfg.compile(pipe, cfg_parallel_size=1) if rank == 0 else None,
             )
-        pipe, fast2, fast1 = pipes[key]
+        pipe, fast_n, fast1 = pipes[key]
         name = spec["name"]
-        out[(name, "p2")] = _call(fast2, spec)
+        out[(name, "pN")] = _call(fast_n, spec)
         if rank == 0:
             out[(name, "stock")] = _call(pipe, spec)
             out[(name, "p1")] = _call(fast1, spec)
@@ -109,16 +109,17 @@ def assert_close(a, b, rel: float = 1e-5) -> None:
 
 
 def check_family(results: list[dict], scenarios: list[dict], exact_stock: bool, rel: float = 1e-5) -> None:
-    """The acceptance checks for one family's scenarios, from the two ranks' results."""
-    r0, r1 = results
+    """The acceptance checks for one family's scenarios, from every rank's results."""
+    r0 = results[0]
     for spec in scenarios:
         name = spec["name"]
-        p2, p2b, p1, stock = r0[(name, "p2")], r1[(name, "p2")], r0[(name, "p1")], r0[(name, "stock")]
-        assert_same(p2, p2b)  # every rank returns the same output
-        assert_same(p2, p1)  # parallel = sequential, bit for bit
+        pn, p1, stock = r0[(name, "pN")], r0[(name, "p1")], r0[(name, "stock")]
+        for other in results[1:]:
+            assert_same(other[(name, "pN")], pn)  # every rank returns the same output
+        assert_same(pn, p1)  # parallel = sequential, bit for bit
         if spec.get("error"):
-            assert p2[0] == "error", f"{name}: pycfg accepted a request the pipeline rejects"
-            assert_same(p2, stock)  # the pipeline's own error, type and message
+            assert pn[0] == "error", f"{name}: pycfg accepted a request the pipeline rejects"
+            assert_same(pn, stock)  # the pipeline's own error, type and message
         elif exact_stock or spec.get("exact"):
             assert_same(p1, stock)
         else:

@@ -139,7 +139,9 @@ SCENARIOS = [
 ]
 
 #: one pipeline per family at cfg_parallel_size 3 (one rank idle at every step)
-P3 = ["fk_cfg", "fp_cfg", "wi22_scale2", "z_norm_trunc", "zi_cfg", "lc_cfg", "f2_image", "hv_window_rescale", "hvi_cfg"]
+# every class once at P=3 (an idle rank), with CFG on
+P3 = ["fk_cfg", "fi_cfg", "fp_cfg", "wi_cfg", "wi22_scale2", "wt_cfg", "wv_cfg", "z_norm_trunc", "zi_cfg", "lc_cfg",
+      "lce_cfg", "f2_cfg", "f2_image", "hv_window_rescale", "hvi_cfg"]
 
 
 def check(results: list[dict], scenarios: list[dict]) -> None:
