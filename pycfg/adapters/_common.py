@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, Sequence
 
 import torch
@@ -246,3 +247,27 @@ def batch_groups(names: Sequence[str], batch: bool, key: Callable[[str], Any]) -
         else:
             groups.append([name])
     return groups
+
+
+def inpaint_step_tensors(pipe, req, channels: int, dtype: torch.dtype, image_latents: torch.Tensor,
+                         noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a stock inpainting loop blends with after each step, computed before the loop so that captured steps
+    replay it: the packed mask (the pipeline's own ``prepare_mask_latents``) and the image latents noised to each
+    step's next timestep (clean after the last step).
+
+    ``req`` is the family's request (``args``, ``images`` with ``init``, ``resize_mode`` and ``crops_coords``,
+    size, batch, device, the private ``scheduler`` and ``timesteps``).
+    """
+    a, images = req.args, req.images
+    condition = pipe.mask_processor.preprocess(a["mask_image"], height=req.height, width=req.width,
+                                               resize_mode=images.resize_mode, crops_coords=images.crops_coords)
+    masked = images.init * (condition < 0.5) if a["masked_image_latents"] is None else a["masked_image_latents"]
+    mask, _ = pipe.prepare_mask_latents(condition, masked, req.batch_size, channels, a["num_images_per_prompt"],
+                                        req.height, req.width, dtype, req.device, a["generator"])
+    # as the stock blend reads them after step i: ``scale_noise`` on a copy of the scheduler standing at that step
+    noiser, begin = copy.deepcopy(req.scheduler), req.scheduler.begin_index
+    noised = []
+    for i in range(len(req.timesteps) - 1):
+        noiser.set_begin_index(begin + i + 1)
+        noised.append(noiser.scale_noise(image_latents, torch.tensor([req.timesteps[i + 1]]), noise))
+    return {"mask": mask, "noised_image_latents": torch.stack([*noised, image_latents])}

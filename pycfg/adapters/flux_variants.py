@@ -15,7 +15,6 @@ What their ``__call__`` does beyond FluxPipeline's:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -23,6 +22,7 @@ import torch
 
 from ..guidance.base import PROMPT
 from ..steps import StepIndex
+from ._common import inpaint_step_tensors
 from ._pipeline_view import with_scheduler
 from .base import own_tensor
 from .flux import FluxAdapter, FluxRequest
@@ -141,24 +141,11 @@ class FluxInpaintAdapter(FluxImg2ImgAdapter):
         return req.images.init
 
     def take_latents(self, req: FluxRequest, outputs) -> None:
-        pipe, a, images = self.pipe, req.args, req.images
+        pipe, a = self.pipe, req.args
         latents, noise, image_latents, req.latent_ids = outputs
         req.latents = own_tensor(latents, a["latents"])
         dtype = req.texts[PROMPT][0].dtype
-        condition = pipe.mask_processor.preprocess(a["mask_image"], height=req.height, width=req.width,
-                                                   resize_mode=images.resize_mode, crops_coords=images.crops_coords)
-        masked = images.init * (condition < 0.5) if a["masked_image_latents"] is None else a["masked_image_latents"]
-        mask, _ = pipe.prepare_mask_latents(condition, masked, req.batch_size, self.latent_channels(),
-                                            a["num_images_per_prompt"], req.height, req.width, dtype, req.device,
-                                            a["generator"])
-        # the image latents noised to each step's next timestep, as the stock blend reads them after step i:
-        # ``scale_noise`` on a copy of the scheduler standing at that step; clean after the last step
-        noiser, begin, n = copy.deepcopy(req.scheduler), req.scheduler.begin_index, len(req.timesteps)
-        noised = []
-        for i in range(n - 1):
-            noiser.set_begin_index(begin + i + 1)
-            noised.append(noiser.scale_noise(image_latents, torch.tensor([req.timesteps[i + 1]]), noise))
-        req.step_tensors.update(mask=mask, noised_image_latents=torch.stack([*noised, image_latents]))
+        req.step_tensors.update(inpaint_step_tensors(pipe, req, self.latent_channels(), dtype, image_latents, noise))
 
     def after_update(self, req: FluxRequest):
         mask, noised = req.step_tensors["mask"], req.step_tensors["noised_image_latents"]
